@@ -59,16 +59,21 @@ def config_from_args(config_args: Sequence[str]) -> ml_collections.ConfigDict:
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(str(e)) from None
     overrides = [a for a in config_args if a.startswith("--config.")]
+    argv = ["scm-jax", f"--config={resolved}{sep}{arg}", *overrides]
     fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "config file", flag_values=fv, lock_config=True)
+    # ml-collections discovers the override flags from sys_argv at definition time.
+    config_flags.DEFINE_config_file(
+        "config", None, "config file", flag_values=fv, lock_config=True, sys_argv=argv
+    )
     try:
-        fv(["scm-jax", f"--config={resolved}{sep}{arg}", *overrides])
+        fv(argv)
         return fv.config
     except flags.Error as e:
         raise UsageError(f"bad override: {e}") from None
     except (KeyError, AttributeError) as e:
         raise UsageError(
-            f"unknown config field {e.args[0] if e.args else e} in {' '.join(overrides)}; "
+            f"unknown config field {str(e.args[0] if e.args else e).strip(chr(39) + chr(34))!r} "
+            f"in {' '.join(overrides)}; "
             "`scm-jax config --config ...` prints every field"
         ) from None
 

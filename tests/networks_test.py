@@ -60,14 +60,15 @@ def test_jvp_matches_central_finite_differences_float64(conditioning, x64):
     dx = jax.random.normal(kdx, x_t.shape, jnp.float64)
     dt = jax.random.uniform(kdt, (b,), jnp.float64, 0.5, 1.5)
 
-    @jax.jit
-    def F(x_t, t):  # exactly the form the objectives differentiate: F(x_t / sigma_d, t)
-        return nd.net.apply({"params": params["net"]}, x_t / SIGMA_D, t, labels, guidance)
+    def apply(p, x_t, t):  # exactly the form the objectives differentiate: F(x_t / sigma_d, t)
+        return nd.net.apply({"params": p["net"]}, x_t / SIGMA_D, t, labels, guidance)
 
-    primal, tangent = jax.jit(lambda x, t, dx, dt: jax.jvp(F, (x, t), (dx, dt)))(x_t, t, dx, dt)
-    np.testing.assert_allclose(primal, F(x_t, t), rtol=1e-9, atol=1e-12)
+    F = jax.jit(apply)  # parameters are arguments (closed-over arrays become XLA constants)
+    jvp = jax.jit(lambda p, x, t, dx, dt: jax.jvp(lambda x, t: apply(p, x, t), (x, t), (dx, dt)))
+    primal, tangent = jvp(params, x_t, t, dx, dt)
+    np.testing.assert_allclose(primal, F(params, x_t, t), rtol=1e-9, atol=1e-12)
     h = 1e-5
-    fd = (F(x_t + h * dx, t + h * dt) - F(x_t - h * dx, t - h * dt)) / (2 * h)
+    fd = (F(params, x_t + h * dx, t + h * dt) - F(params, x_t - h * dx, t - h * dt)) / (2 * h)
     rel = float(jnp.linalg.norm(tangent - fd) / jnp.linalg.norm(fd))
     assert float(jnp.linalg.norm(fd)) > 1e-3  # a non-trivial derivative
     assert rel < 1e-5, rel
@@ -80,11 +81,11 @@ def test_jvp_in_float32_under_jit():
     t = jnp.array([0.3, 1.2])
 
     @jax.jit
-    def jvp(x, t):
-        f = lambda x, t: nd.net.apply({"params": params["net"]}, x, t, jnp.array([1, 2]), 1.5)
+    def jvp(p, x, t):
+        f = lambda x, t: nd.net.apply({"params": p["net"]}, x, t, jnp.array([1, 2]), 1.5)
         return jax.jvp(f, (x, t), (x, jnp.ones_like(t)))
 
-    F, dF = jvp(x, t)
+    F, dF = jvp(params, x, t)
     assert F.shape == dF.shape == x.shape and F.dtype == jnp.float32
     assert bool(jnp.all(jnp.isfinite(dF)))
 
@@ -134,15 +135,14 @@ def test_label_dropout_null_label_and_dropout_resolution():
     params = randomize(nd.init(jax.random.key(0)), 1)
     x = jax.random.normal(jax.random.key(2), (16, 8, 8, 3))
     t = jnp.full((16,), 0.8)
-    fwd = jax.jit(
-        lambda labels, train, rng: nd.net.apply(
-            {"params": params["net"]}, x, t, labels, jnp.ones(16), train=train,
-            rngs={"dropout": jax.random.key(rng)},
-        ),
-        static_argnums=1,
-    )  # fmt: skip
-    apply = lambda labels, train=False, rng=0: fwd(labels, train, rng)
-    uncond = jax.jit(lambda: nd.net.apply({"params": params["net"]}, x, t, None, jnp.ones(16)))()
+
+    def forward(net, p, labels, train, rng):  # parameters are jit arguments, not constants
+        return net.apply({"params": p["net"]}, x, t, labels, jnp.ones(16), train=train,
+                         rngs={"dropout": jax.random.key(rng)})  # fmt: skip
+
+    fwd = jax.jit(forward, static_argnums=(0, 3))
+    apply = lambda labels, train=False, rng=0: fwd(nd.net, params, labels, train, rng)
+    uncond = apply(None)
     np.testing.assert_allclose(apply(jnp.full((16,), -1)), uncond, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(apply(jnp.zeros((16, 5))), uncond, rtol=1e-5, atol=1e-6)
     labels = jnp.arange(16) % 5
@@ -151,10 +151,9 @@ def test_label_dropout_null_label_and_dropout_resolution():
     # No block sits at a resolution <= 0 and there is no label dropout: train == eval.
     nd0 = tiny_unet(dropout=0.5, dropout_max_res=0)
     p0 = randomize(nd0.init(jax.random.key(0)), 1)
-    f0 = jax.jit(lambda train: nd0.net.apply({"params": p0["net"]}, x, t, labels, 1.0,
-                                             train=train, rngs={"dropout": jax.random.key(5)}),
-                 static_argnums=0)  # fmt: skip
-    np.testing.assert_allclose(f0(True), f0(False), rtol=1e-6)
+    np.testing.assert_allclose(
+        fwd(nd0.net, p0, labels, True, 5), fwd(nd0.net, p0, labels, False, 5), rtol=1e-6
+    )
 
 
 def test_bfloat16_compute_tracks_float32():
@@ -174,8 +173,9 @@ def test_mlp_network_and_weight_head():
                             num_classes=3, guidance_input=False))  # fmt: skip
     params = randomize(nd.init(jax.random.key(0)), 1)
     x, t = jnp.ones((5, 2)), jnp.linspace(0.1, 1.5, 5)
-    f = lambda x, t: nd.net.apply({"params": params["net"]}, x, t, jnp.arange(5) % 3)
-    F, dF = jax.jit(lambda x, t: jax.jvp(f, (x, t), (x, jnp.ones(5))))(x, t)
+    f = lambda p, x, t: nd.net.apply({"params": p["net"]}, x, t, jnp.arange(5) % 3)
+    jvp = jax.jit(lambda p, x, t: jax.jvp(lambda x, t: f(p, x, t), (x, t), (x, jnp.ones(5))))
+    F, dF = jvp(params, x, t)
     assert F.shape == dF.shape == (5, 2)
     w = jax.jit(nd.weight_head.apply)({"params": params["weight"]}, t)
     assert w.shape == (5,) and bool(jnp.all(jnp.isfinite(w)))
@@ -202,7 +202,7 @@ def test_bad_network_config_names_the_value(over, match):
 def test_bad_inputs_name_the_value():
     nd = tiny_unet()
     params = nd.init(jax.random.key(0))
-    apply = jax.jit(lambda *a: nd.net.apply({"params": params["net"]}, *a))
+    apply = lambda *a: jax.jit(nd.net.apply)({"params": params["net"]}, *a)
     x, t, y, s = jnp.ones((2, 8, 8, 3)), jnp.ones(2), jnp.array([0, 1]), jnp.ones(2)
     with pytest.raises(
         ValueError, match=r"expected input of shape \(B, 8, 8, 3\), got \(2, 16, 16, 3\)"

@@ -1,0 +1,89 @@
+"""Every config loads for each objective and size, builds its network, rejects bad arguments."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from scm_jax import configlib
+from scm_jax.networks import build_network
+
+SIZES = {
+    "toy_gmm": [None],
+    "mnist": ["xs", "s", "m"],
+    "cifar10": ["xs", "s", "m"],
+    "imagenet64": ["xs", "s", "m", "l", "xl", "xxl"],
+    "imagenet512": ["xs", "s", "m", "l", "xl", "xxl"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(SIZES))
+@pytest.mark.parametrize("objective", configlib.OBJECTIVES)
+def test_every_config_builds_its_network(name, objective):
+    for size in SIZES[name]:
+        arg = f"objective={objective}" + (f",size={size}" if size else "")
+        cfg = configlib.load_config(f"configs/{name}.py:{arg}")
+        assert cfg.objective == objective
+        sections = {"dataset", "model", "trigflow", "loss", "teacher", "optim", "ema"}
+        assert set(cfg.keys()) >= sections
+        nd = build_network(cfg.model)  # validates the hyperparameters
+        assert nd.sample_shape == tuple(cfg.dataset.shape)
+        assert cfg.trigflow.sigma_d == cfg.model.sigma_d == 0.5
+
+
+@pytest.mark.parametrize("name", sorted(SIZES))
+def test_smoke_configs_run_a_forward(name):
+    cfg = configlib.load_config(f"{name}:smoke")
+    nd = build_network(cfg.model)
+    params = nd.init(jax.random.key(0))
+    ex = nd.example_inputs(2)
+    x = jnp.ones(ex["x"].shape)
+    labels = jnp.zeros((2,), jnp.int32) if nd.num_classes else None
+    guidance = jnp.ones((2,)) if nd.guidance_input else None
+    F = jax.jit(nd.net.apply)({"params": params["net"]}, x, jnp.full((2,), 0.5), labels, guidance)
+    assert F.shape == x.shape and bool(jnp.all(jnp.isfinite(F)))
+    assert cfg.batch_size == 8
+
+
+def test_paper_hyperparameters_spot_checks():
+    c = configlib.load_config("imagenet512:size=xxl,objective=scd")
+    assert (c.model.model_channels, c.model.guidance_input, c.model.dropout) == (448, True, 0.1)
+    assert (c.trigflow.P_mean, c.trigflow.P_std, c.loss.tangent_c) == (-0.8, 1.6, 0.1)
+    assert (c.teacher.guidance_min, c.teacher.guidance_max) == (1.0, 2.0)
+    assert c.optim.lr == pytest.approx(6.5e-5) and c.optim.eps == 1e-11
+    t = configlib.load_config("imagenet512:size=m,objective=diffusion")
+    assert (t.model.label_dropout, t.trigflow.P_mean, t.trigflow.P_std) == (0.1, -0.4, 1.0)
+    s = configlib.load_config("imagenet64:size=xl,objective=sct")
+    assert (s.model.dropout, s.model.dropout_max_res, s.optim.lr) == (0.45, 16, pytest.approx(7e-5))
+    cif = configlib.load_config("cifar10:objective=sct")
+    got = (cif.optim.name, cif.optim.lr, cif.batch_size, cif.model.num_classes)
+    assert got == ("radam", 1e-4, 512, 0)
+
+
+def test_shared_sigma_d_and_locked_config():
+    cfg = configlib.load_config("mnist")
+    cfg.model.sigma_d = 0.7
+    assert cfg.trigflow.sigma_d == 0.7
+    with pytest.raises(AttributeError):
+        cfg.model.not_a_field = 1
+
+
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        ("imagenet512:size=xxxl", "unknown size 'xxxl'; choose one of xs, s, m, l, xl, xxl"),
+        ("mnist:objective=gan", "unknown objective 'gan'"),
+        ("mnist:resolution=32", "unknown config argument 'resolution'"),
+        ("mnist:smoke=maybe", "smoke='maybe' is not a boolean"),
+        ("toy_gmm:size=s", "unknown config argument 'size'"),
+    ],
+)
+def test_bad_config_arguments_name_the_value(spec, match):
+    with pytest.raises(ValueError, match=match):
+        configlib.load_config(spec)
+
+
+def test_missing_config_file_lists_the_available_ones():
+    with pytest.raises(FileNotFoundError, match="available configs: cifar10, imagenet512"):
+        configlib.load_config("configs/imagenet1k.py")
