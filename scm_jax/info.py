@@ -50,14 +50,17 @@ def stock_edm2_config(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
     return cfg
 
 
-def network_flops(nd: NetworkDef, params: Any) -> dict[str, int]:
+def network_flops(
+    nd: NetworkDef, params: Any, kinds: tuple[str, ...] = ("forward", "jvp", "fwd_bwd")
+) -> dict[str, int]:
     """Per-sample FLOPs of a forward, a JVP (primal + tangent) and a forward + backward.
 
     Args:
       nd: the built network.
       params: abstract parameters ``{'net': ..., 'weight': ...}`` (ShapeDtypeStruct leaves).
+      kinds: which of ``'forward'``, ``'jvp'``, ``'fwd_bwd'`` to trace.
     Returns:
-      ``{'forward': F, 'jvp': J, 'fwd_bwd': G}`` integer FLOPs for batch 1.
+      ``{kind: FLOPs}`` (integers, batch 1) for the requested kinds.
     """
     ex = nd.example_inputs(1)
     x, t, y, s = ex["x"], ex["t"], ex["labels"], ex["guidance"]
@@ -75,11 +78,12 @@ def network_flops(nd: NetworkDef, params: Any) -> dict[str, int]:
 
         return jax.value_and_grad(loss)(p)
 
-    return {
-        "forward": count_flops(fwd, params, x, t, y, s),
-        "jvp": count_flops(jvp, params, x, t, y, s, x, t),
-        "fwd_bwd": count_flops(fwd_bwd, params, x, t, y, s),
+    traced = {
+        "forward": lambda: count_flops(fwd, params, x, t, y, s),
+        "jvp": lambda: count_flops(jvp, params, x, t, y, s, x, t),
+        "fwd_bwd": lambda: count_flops(fwd_bwd, params, x, t, y, s),
     }
+    return {k: traced[k]() for k in kinds}
 
 
 def model_info(config: ml_collections.ConfigDict, devices: int = 1) -> dict[str, Any]:
@@ -113,18 +117,15 @@ def model_info(config: ml_collections.ConfigDict, devices: int = 1) -> dict[str,
         info["params_added_by_scm_conditioning"] = info["params_net"] - stock
 
     # Teacher (sCD): a network of the student's architecture, or an analytic one (toy mixture).
-    teacher_kind = config.teacher.get("kind", "network")
     guided = config.teacher.guidance_max > 1.0
-    teacher_bytes, teacher_fwd = 0, flops["forward"]
-    if teacher_kind == "network":
+    teacher_bytes, teacher_fwd = 0, 0  # an analytic teacher (toy mixture) costs no network FLOPs
+    if config.teacher.get("kind", "network") == "network":
         teacher = build_network(teacher_model_config(config.model))
-        p_teacher = teacher.abstract_params()["net"]
-        info["params_teacher"] = _num_params(p_teacher)
-        teacher_fwd = network_flops(teacher, teacher.abstract_params())["forward"]
+        p_teacher = teacher.abstract_params()
+        info["params_teacher"] = _num_params(p_teacher["net"])
+        teacher_fwd = network_flops(teacher, p_teacher, ("forward",))["forward"]
         if config.objective == "scd":
-            teacher_bytes = _num_bytes(p_teacher)
-    else:
-        teacher_fwd = 0  # analytic teacher: no network FLOPs
+            teacher_bytes = _num_bytes(p_teacher["net"])
 
     F, J, G = flops["forward"], flops["jvp"], flops["fwd_bwd"]
     per_sample = {

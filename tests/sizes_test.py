@@ -29,7 +29,7 @@ def test_stock_edm2_params_and_flops_match(size):
     n = sum(p.size for p in jax.tree.leaves(params))
     want_params, want_gflops = EDM2[size]
     assert abs(n / 1e6 - want_params) / want_params < 0.003, n
-    gflops = network_flops(nd, params)["forward"] / 1e9
+    gflops = network_flops(nd, params, ("forward",))["forward"] / 1e9
     assert abs(gflops - want_gflops) / want_gflops < 0.03, gflops
 
 

@@ -13,7 +13,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from scm_jax.networks.conditioning import batch_times
 from scm_jax.networks.embeddings import c_noise, time_embedding
 from scm_jax.networks.layers import MPConv
 
@@ -38,7 +37,9 @@ class AdaptiveWeight(nn.Module):
     @nn.compact
     def __call__(self, t: Array) -> Array:
         """Return w_phi(t) with shape ``(B,)`` in at least float32."""
-        t = jnp.atleast_1d(batch_times(t, jnp.size(t)))
+        t = jnp.atleast_1d(jnp.asarray(t))
+        if t.ndim != 1 or not jnp.issubdtype(t.dtype, jnp.floating):
+            raise ValueError(f"w_phi(t) takes float times of shape (B,), got {t.shape} {t.dtype}")
         c = c_noise(t, self.c_noise_mode, self.sigma_d, self.c_noise_scale)
         feats = time_embedding(c, self.time_embedding, self.channels)
         return MPConv(1, name="linear", param_dtype=self.param_dtype)(feats)[:, 0]
