@@ -18,13 +18,35 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from scm_jax.networks.embeddings import c_noise, positional_embedding, time_embedding
-from scm_jax.networks.layers import MPConv, mp_silu, mp_sum
+from scm_jax.networks.embeddings import (
+    C_NOISE_MODES,
+    TIME_EMBEDDINGS,
+    c_noise,
+    positional_embedding,
+    time_embedding,
+)
+from scm_jax.networks.layers import MODULATIONS, MPConv, mp_silu, mp_sum
 
 Array = jax.Array
 Dtype = Any
 
 NULL_LABEL = -1  # integer label meaning "no class" (unconditional branch of CFG)
+
+
+def check_conditioning_args(
+    modulation: str, time_embedding: str, c_noise_mode: str, dropout: float, label_dropout: float
+) -> None:
+    """Raise ValueError naming the value if a conditioning option or dropout rate is invalid."""
+    for name, value, choices in (
+        ("modulation", modulation, MODULATIONS),
+        ("time_embedding", time_embedding, TIME_EMBEDDINGS),
+        ("c_noise_mode", c_noise_mode, C_NOISE_MODES),
+    ):
+        if value not in choices:
+            raise ValueError(f"unknown {name} {value!r}; expected one of {choices}")
+    for name, p in (("dropout", dropout), ("label_dropout", label_dropout)):
+        if not 0 <= p < 1:
+            raise ValueError(f"{name}={p} must be in [0, 1)")
 
 
 def batch_times(t: Array | float, batch: int) -> Array:

@@ -20,14 +20,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from scm_jax.networks.conditioning import ConditionEmbedding, batch_times
-from scm_jax.networks.embeddings import C_NOISE_MODES, TIME_EMBEDDINGS
+from scm_jax.networks.conditioning import ConditionEmbedding, batch_times, check_conditioning_args
 from scm_jax.networks.layers import Modulation, MPConv, mp_cat, mp_silu, mp_sum, normalize, resample
 
 Array = jax.Array
 Dtype = Any
-
-MODULATIONS = ("adn", "mul")
 
 
 class Block(nn.Module):
@@ -138,17 +135,7 @@ def check_unet_args(
             raise ValueError(
                 f"{c} channels are not divisible by channels_per_head={channels_per_head}"
             )
-    if modulation not in MODULATIONS:
-        raise ValueError(f"unknown modulation {modulation!r}; expected one of {MODULATIONS}")
-    if time_embedding not in TIME_EMBEDDINGS:
-        raise ValueError(
-            f"unknown time_embedding {time_embedding!r}; expected one of {TIME_EMBEDDINGS}"
-        )
-    if c_noise_mode not in C_NOISE_MODES:
-        raise ValueError(f"unknown c_noise_mode {c_noise_mode!r}; expected one of {C_NOISE_MODES}")
-    for name, p in (("dropout", dropout), ("label_dropout", label_dropout)):
-        if not 0 <= p < 1:
-            raise ValueError(f"{name}={p} must be in [0, 1)")
+    check_conditioning_args(modulation, time_embedding, c_noise_mode, dropout, label_dropout)
 
 
 class EDM2UNet(nn.Module):

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 Array = jax.Array
 Dtype = Any
 
+MODULATIONS = ("adn", "mul")
 _NORM_EPS = 1e-4  # EDM2's epsilon in normalize() (Eq. 66 and the pixel norm)
 _SQRT_FLOOR = 1e-30  # keeps d sqrt(x)/dx finite at x = 0; far below any real activation energy
 
@@ -193,4 +194,4 @@ class Modulation(nn.Module):
             s = pixel_norm(MPConv(self.features, name="emb_scale", **kw)(emb))
             b = pixel_norm(MPConv(self.features, name="emb_shift", **kw)(emb))
             return mp_sum(pixel_norm(y) * s[expand].astype(y.dtype), b[expand].astype(y.dtype))
-        raise ValueError(f"unknown modulation {self.mode!r}; expected 'adn' or 'mul'")
+        raise ValueError(f"unknown modulation {self.mode!r}; expected one of {MODULATIONS}")

@@ -13,9 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from scm_jax.networks.conditioning import ConditionEmbedding, batch_times
-from scm_jax.networks.edm2_unet import MODULATIONS
-from scm_jax.networks.embeddings import C_NOISE_MODES, TIME_EMBEDDINGS
+from scm_jax.networks.conditioning import ConditionEmbedding, batch_times, check_conditioning_args
 from scm_jax.networks.layers import Modulation, MPConv, mp_silu, mp_sum
 
 Array = jax.Array
@@ -57,17 +55,13 @@ class MLPNet(nn.Module):
                 f"MLPNet needs data_dim >= 1, hidden >= 2, depth >= 1, emb_channels >= 2; got "
                 f"{self.data_dim}, {self.hidden}, {self.depth}, {self.emb_channels}"
             )
-        if self.modulation not in MODULATIONS:
-            raise ValueError(
-                f"unknown modulation {self.modulation!r}; expected one of {MODULATIONS}"
-            )
-        if self.time_embedding not in TIME_EMBEDDINGS:
-            raise ValueError(f"unknown time_embedding {self.time_embedding!r}")
-        if self.c_noise_mode not in C_NOISE_MODES:
-            raise ValueError(f"unknown c_noise_mode {self.c_noise_mode!r}")
-        for name, p in (("dropout", self.dropout), ("label_dropout", self.label_dropout)):
-            if not 0 <= p < 1:
-                raise ValueError(f"{name}={p} must be in [0, 1)")
+        check_conditioning_args(
+            self.modulation,
+            self.time_embedding,
+            self.c_noise_mode,
+            self.dropout,
+            self.label_dropout,
+        )
         super().__post_init__()
 
     def check_input(self, x: Array) -> None:
