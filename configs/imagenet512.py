@@ -10,7 +10,6 @@ Latents: (latent - mu_c) * sigma_d / sigma_c with the per-channel statistics of 
 """
 
 from scm_jax import configlib
-from scm_jax.networks.presets import EDM2_CHANNELS
 
 # size -> (teacher lr, teacher dropout, teacher iterations, teacher EMA sigma_rel,
 #          sCT dropout, sCD dropout)
@@ -29,26 +28,21 @@ LATENT_STD = (5.27, 5.91, 4.21, 4.31)
 def get_config(arg=None):
     a = configlib.parse_arg(arg, objective="scd", size="s", smoke=False)
     configlib.check_choice("objective", a.objective, configlib.OBJECTIVES)
-    configlib.check_choice("size", a.size, tuple(EDM2_CHANNELS))
+    configlib.check_choice("size", a.size, tuple(TABLE5))
     lr, t_dropout, t_iters, t_ema, sct_dropout, scd_dropout = TABLE5[a.size]
     cm = a.objective != "diffusion"
     dropout = {"diffusion": t_dropout, "sct": sct_dropout, "scd": scd_dropout}[a.objective]
-    res = 16 if a.smoke else 64
-    model = configlib.unet_model(
-        resolution=res,
+    model = configlib.edm2_model(
+        a.size,
         channels=4,
+        smoke=a.smoke,
         num_classes=1000,
-        model_channels=16 if a.smoke else EDM2_CHANNELS[a.size],
-        channel_mult=(1, 2) if a.smoke else (1, 2, 3, 4),
-        num_blocks=1 if a.smoke else 3,
-        attn_resolutions=(8,) if a.smoke else (16, 8),
-        channels_per_head=16 if a.smoke else 64,
         dropout=dropout,
-        dropout_max_res=16 if cm else res,
+        dropout_max_res=16 if cm else 64,  # teachers: every resolution
         label_dropout=0.0 if cm else 0.1,
         guidance_input=a.objective == "scd",
-        size="smoke" if a.smoke else a.size,
     )
+    res = model["img_resolution"]
     batch = 8 if a.smoke else 2048
     iters = {"diffusion": t_iters, "sct": 100_000, "scd": 200_000}[a.objective]
     return configlib.assemble(

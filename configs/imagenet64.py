@@ -9,7 +9,6 @@ dropout and teacher length follow EDM2's img512 presets (marked 'extrapolated' b
 """
 
 from scm_jax import configlib
-from scm_jax.networks.presets import EDM2_CHANNELS
 
 # size -> (teacher lr alpha_ref, teacher dropout, teacher iterations, teacher EMA sigma_rel)
 TABLE4 = {
@@ -25,24 +24,19 @@ TABLE4 = {
 def get_config(arg=None):
     a = configlib.parse_arg(arg, objective="sct", size="s", smoke=False)
     configlib.check_choice("objective", a.objective, configlib.OBJECTIVES)
-    configlib.check_choice("size", a.size, tuple(EDM2_CHANNELS))
+    configlib.check_choice("size", a.size, tuple(TABLE4))
     lr, t_dropout, t_iters, t_ema = TABLE4[a.size]
     cm = a.objective != "diffusion"
     dropout = {"diffusion": t_dropout, "sct": 0.45, "scd": 0.0}[a.objective]
-    res = 16 if a.smoke else 64
-    model = configlib.unet_model(
-        resolution=res,
+    model = configlib.edm2_model(
+        a.size,
         channels=3,
+        smoke=a.smoke,
         num_classes=1000,
-        model_channels=16 if a.smoke else EDM2_CHANNELS[a.size],
-        channel_mult=(1, 2) if a.smoke else (1, 2, 3, 4),
-        num_blocks=1 if a.smoke else 3,
-        attn_resolutions=(8,) if a.smoke else (16, 8),
-        channels_per_head=16 if a.smoke else 64,
         dropout=dropout,
-        dropout_max_res=16 if cm else res,
-        size="smoke" if a.smoke else a.size,
+        dropout_max_res=16 if cm else 64,  # teachers: every resolution
     )
+    res = model["img_resolution"]
     batch = 8 if a.smoke else 2048
     iters = 400_000 if cm else t_iters
     return configlib.assemble(

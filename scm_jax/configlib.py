@@ -146,6 +146,28 @@ def unet_model(
     }
 
 
+def edm2_model(size: str, *, channels: int, smoke: bool, **kwargs: Any) -> dict[str, Any]:
+    """The ``model`` section of an EDM2 size at 64x64 (config G), or its 16x16 smoke version.
+
+    Args:
+      size: one of ``EDM2_CHANNELS`` (xs..xxl).
+      channels: image channels (3 pixels, 4 latents).
+      smoke: a 16x16, 16-channel, one-block network for CPU smoke runs.
+      **kwargs: the remaining :func:`unet_model` arguments (num_classes, dropout, ...).
+    """
+    from scm_jax.networks.presets import EDM2_CHANNELS
+
+    check_choice("size", size, tuple(EDM2_CHANNELS))
+    if smoke:
+        arch = {"resolution": 16, "model_channels": 16, "channel_mult": (1, 2), "num_blocks": 1,
+                "attn_resolutions": (8,), "channels_per_head": 16, "size": "smoke"}  # fmt: skip
+    else:
+        arch = {"resolution": 64, "model_channels": EDM2_CHANNELS[size],
+                "channel_mult": (1, 2, 3, 4), "num_blocks": 3, "attn_resolutions": (16, 8),
+                "channels_per_head": 64, "size": size}  # fmt: skip
+    return unet_model(channels=channels, **arch, **kwargs)
+
+
 def assemble(
     *,
     dataset: dict[str, Any],
