@@ -44,14 +44,13 @@ def _conv_flops(eqn: Any) -> int:
     return 2 * math.prod(out.shape) * in_per_group * window
 
 
-def _sub_jaxprs(params: dict) -> list[tuple[Any, int]]:
-    """(jaxpr, multiplicity) pairs nested in an equation's params."""
+def _sub_jaxprs(params: dict) -> list[Any]:
+    """The jaxprs nested in an equation's params (jit bodies, custom_jvp calls, scan bodies)."""
     found = []
-    for key, val in params.items():
-        vals = val if isinstance(val, (tuple, list)) else (val,)
-        for v in vals:
+    for val in params.values():
+        for v in val if isinstance(val, (tuple, list)) else (val,):
             if isinstance(v, (ClosedJaxpr, Jaxpr)):
-                found.append((v, key))
+                found.append(v)
     return found
 
 
@@ -75,7 +74,7 @@ def jaxpr_flops(jaxpr: Any) -> int:
             total += max(jaxpr_flops(b) for b in eqn.params["branches"])
         else:
             mult = eqn.params.get("length", 1) if name == "scan" else 1
-            for sub, _ in _sub_jaxprs(eqn.params):
+            for sub in _sub_jaxprs(eqn.params):
                 total += mult * jaxpr_flops(sub)
     return total
 
