@@ -207,8 +207,10 @@ def assemble(
     cfg.loss = {
         "tangent_c": tangent_c,  # tangent normalisation g / (||g|| + c)
         "tangent_norm": "l2",  # 'l2' over all elements (paper) or 'rms'; docs/method.md
-        "tangent_warmup_steps": tangent_warmup_steps,  # H in r = min(1, step / H)
-        "adaptive_weighting": True,
+        "tangent_warmup_steps": tangent_warmup_steps,  # H in r = min(1, step / H); 0 = off
+        "warmup_form": "scm",  # 'scm' (Alg. 1) or 'rcm'
+        "adaptive_weighting": True,  # False: fixed prior weight (no w_phi)
+        "mask_nonfinite": True,  # drop samples whose target is not finite (counted)
     }
     cfg.teacher = teacher or {"workdir": "", "guidance_min": 1.0, "guidance_max": 1.0}
     cfg.optim = optim

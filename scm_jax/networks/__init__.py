@@ -68,6 +68,30 @@ class NetworkDef:
             "guidance": jax.ShapeDtypeStruct((batch,), f) if self.guidance_input else None,
         }
 
+    def apply_fn(
+        self,
+        params: Any,
+        x_scaled: jax.Array,
+        t: jax.Array,
+        labels: jax.Array | None = None,
+        guidance: jax.Array | None = None,
+        key: jax.Array | None = None,
+    ) -> jax.Array:
+        """F_theta in the shared ``ApplyFn`` convention (``scm_jax.guidance``).
+
+        ``params`` is the network's parameters (``init(...)['net']``); ``key=None`` is evaluation
+        mode, a PRNG key turns on dropout and label dropout with that key.
+        """
+        if key is None:
+            return self.net.apply({"params": params}, x_scaled, t, labels, guidance)
+        return self.net.apply(
+            {"params": params}, x_scaled, t, labels, guidance, train=True, rngs={"dropout": key}
+        )
+
+    def weight_fn(self, params: Any, t: jax.Array) -> jax.Array:
+        """w_phi(t) ``(B,)`` with ``params = init(...)['weight']``."""
+        return self.weight_head.apply({"params": params}, t)
+
     def init(self, key: jax.Array) -> dict[str, Any]:
         """Initialise ``{'net': params, 'weight': params}`` with weights already projected.
 
