@@ -64,7 +64,10 @@ def get_config(arg=None):
             "b1": 0.9,
             "b2": 0.99,
             "eps": 1e-11,
-            "lr_ref_steps": 70_000,
+            "lr_ref_kimg": 143_360.0,  # t_ref = 70k iterations x 2048 images
+            # EDM2 ramps teachers up over 10 Mimg; whether sCM did for CMs is not stated: no.
+            "lr_rampup_kimg": 0.0 if cm else 10_000.0,
+            "grad_clip": 0.0,
         },
         ema={"halflife_kimg": 0.0, "power_std": (0.05, 0.10)},
         batch_size=batch,

@@ -54,7 +54,9 @@ def get_config(arg=None):
             "b1": 0.9,
             "b2": 0.99 if cm else 0.999,
             "eps": 1e-8,
-            "lr_ref_steps": 0,
+            "lr_ref_kimg": 0.0,  # constant learning rate
+            "lr_rampup_kimg": 0.0,
+            "grad_clip": 0.0,
         },
         ema={"halflife_kimg": 50.0, "power_std": ()},
         batch_size=batch,

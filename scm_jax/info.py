@@ -21,8 +21,7 @@ import ml_collections
 
 from scm_jax.flops import count_flops
 from scm_jax.networks import NetworkDef, build_network
-
-_OPTIMIZER_MOMENTS = {"adam": 2, "adamw": 2, "radam": 2, "sgd": 0, "lion": 1}
+from scm_jax.optim import OPTIMIZER_MOMENTS
 
 
 def _num_params(tree: Any) -> int:
@@ -152,14 +151,14 @@ def model_info(config: ml_collections.ConfigDict, devices: int = 1) -> dict[str,
     param_bytes = _num_bytes(p_student)
     f32_bytes = 4 * info["params"]
     optim_name = config.optim.name
-    if optim_name not in _OPTIMIZER_MOMENTS:
+    if optim_name not in OPTIMIZER_MOMENTS:
         raise ValueError(
-            f"unknown optimizer {optim_name!r}; expected one of {sorted(_OPTIMIZER_MOMENTS)}"
+            f"unknown optimizer {optim_name!r}; expected one of {sorted(OPTIMIZER_MOMENTS)}"
         )
     n_ema = len(config.ema.power_std) + (1 if config.ema.halflife_kimg > 0 else 0)
     breakdown = {
         "params": param_bytes,
-        "optimizer": _OPTIMIZER_MOMENTS[optim_name] * f32_bytes,
+        "optimizer": OPTIMIZER_MOMENTS[optim_name] * f32_bytes,
         "ema": n_ema * param_bytes,
         "teacher": teacher_bytes,
     }

@@ -6,8 +6,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from scm_jax import configlib
+from scm_jax import configlib, ema
 from scm_jax.networks import build_network
+from scm_jax.optim import make_optimizer
 
 SIZES = {
     "toy_gmm": [None],
@@ -29,6 +30,9 @@ def test_every_config_builds_its_network(name, objective):
         assert set(cfg.keys()) >= sections
         nd = build_network(cfg.model)  # validates the hyperparameters
         assert nd.sample_shape == tuple(cfg.dataset.shape)
+        make_optimizer(**cfg.optim, batch_size=cfg.batch_size)  # the optim section is complete
+        for sigma_rel in cfg.ema.power_std:
+            assert ema.power_exponent(sigma_rel) > 0
         assert cfg.trigflow.sigma_d == cfg.model.sigma_d == 0.5
 
 
