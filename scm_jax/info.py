@@ -173,9 +173,16 @@ def model_info(config: ml_collections.ConfigDict, devices: int = 1) -> dict[str,
     return info
 
 
+def format_bytes(n: float) -> str:
+    """``n`` bytes as a short human string in KiB, MiB or GiB."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
 def format_info(info: Mapping[str, Any]) -> str:
     """Human-readable multi-line summary of :func:`model_info`'s result."""
-    gib = 2**30
     lines = [
         f"objective {info['objective']}  arch {info['arch']}  size {info['size']}  "
         f"sample {tuple(info['sample_shape'])}",
@@ -199,10 +206,10 @@ def format_info(info: Mapping[str, Any]) -> str:
         + " GFLOP",
         f"train step ({info['train_step_objective']}, batch {info['batch_size']}): "
         f"{info['train_step_tflops_per_batch']:.1f} TFLOP",
-        "state bytes: "
-        + ", ".join(f"{k} {v / gib:.2f}" for k, v in info["state_bytes_breakdown"].items())
-        + f" GiB; total {info['state_bytes'] / gib:.2f} GiB, "
-        f"{info['state_bytes_per_device'] / gib:.2f} GiB per device on {info['devices']} "
+        "state: "
+        + ", ".join(f"{k} {format_bytes(v)}" for k, v in info["state_bytes_breakdown"].items())
+        + f"; total {format_bytes(info['state_bytes'])}, "
+        f"{format_bytes(info['state_bytes_per_device'])} per device on {info['devices']} "
         f"(per-device batch {info['per_device_batch']:g})",
     ]
     return "\n".join(lines)

@@ -2,9 +2,9 @@
 
 It runs the real objectives (``scm_jax.losses``) with Adam, the forced weight-normalisation
 projection after every update and an EMA of the parameters, on data drawn from a
-``GaussianMixture`` inside the jitted step. The full training system (configs, checkpoints,
-sharding, logging) is ``scm_jax.train``; this routine is the small, dependency-free loop for
-problems whose answer is known in closed form.
+``GaussianMixture`` inside the jitted step. It is not the training system (configs,
+checkpoints, sharding and logging come with ``scm-jax train``); it is the small loop for problems
+whose answer is known in closed form.
 """
 
 from __future__ import annotations
