@@ -109,12 +109,22 @@ class NetworkDef:
         w_vars = self.weight_head.init(k_w, ex["t"])
         return {"net": net_vars["params"], "weight": w_vars["params"]}
 
-    def _init(self, key: jax.Array) -> dict[str, Any]:
-        """All MP weights from one N(0, 1) draw, gains zero, then the unit-RMS projection.
+    def init_per_leaf(self, key: jax.Array) -> dict[str, Any]:
+        """Like :meth:`init`, but one N(0, 1) draw per weight (not jitted here).
+
+        Use it under ``jax.jit`` with sharded outputs (``scm_jax.sharding.sharded_init``): each
+        draw is partitioned, so every device generates only its own shard. It compiles one random
+        kernel per weight, which is slow on XLA:CPU for large networks.
+        """
+        return self._init(key, per_leaf=True)
+
+    def _init(self, key: jax.Array, per_leaf: bool = False) -> dict[str, Any]:
+        """MP weights N(0, 1), gains zero, then the unit-RMS projection.
 
         Equivalent in distribution to the modules' initialisers (MPConv: N(0, 1) weights;
-        gains: 0) but one random op instead of one per parameter, which keeps XLA:CPU
-        compilation of the init in seconds.
+        gains: 0). By default all weights come from one draw (one random op instead of one per
+        parameter keeps XLA:CPU compilation in seconds); ``per_leaf`` draws each weight
+        separately, which shards cleanly.
         """
         shapes = jax.eval_shape(self._module_init, key)
         paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
@@ -128,14 +138,16 @@ class NetworkDef:
                     f"parameter {jax.tree_util.keystr(path)} is neither an MP weight nor a "
                     "scalar gain; NetworkDef.init only knows those two kinds"
                 )
-        noise = jax.random.normal(key, (n_weights,), self.param_dtype)
+        noise = None if per_leaf else jax.random.normal(key, (n_weights,), self.param_dtype)
         out, offset = [], 0
-        for _path, leaf in paths_leaves:
-            if len(leaf.shape) >= 2:
+        for i, (_path, leaf) in enumerate(paths_leaves):
+            if len(leaf.shape) < 2:
+                out.append(jnp.zeros(leaf.shape, leaf.dtype))
+            elif per_leaf:
+                out.append(jax.random.normal(jax.random.fold_in(key, i), leaf.shape, leaf.dtype))
+            else:
                 out.append(noise[offset : offset + leaf.size].reshape(leaf.shape))
                 offset += leaf.size
-            else:
-                out.append(jnp.zeros(leaf.shape, leaf.dtype))
         return project_weights(jax.tree_util.tree_unflatten(treedef, out))
 
     def abstract_params(self) -> dict[str, Any]:
