@@ -10,6 +10,7 @@ flips, where a recipe uses them, are decided per (seed, epoch, slot) as well.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -53,8 +54,13 @@ def load_npz(path: str | Path, x_key: str = "x", label_key: str = "labels") -> A
     return ArrayDataset(x, labels)
 
 
-def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(n)
+@functools.lru_cache(maxsize=4)
+def _epoch_order(seed: int, epoch: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The epoch's permutation and flip bits, drawn once per epoch (not once per step)."""
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    flips = np.random.default_rng([seed, epoch, 1]).random(n) < 0.5
+    perm.flags.writeable = flips.flags.writeable = False  # cached: shared between calls
+    return perm, flips
 
 
 def batch_indices(
@@ -91,9 +97,9 @@ def batch_indices(
     flips = np.empty(local, bool)
     for epoch in np.unique(epochs):
         sel = epochs == epoch
-        indices[sel] = _permutation(seed, int(epoch), num_examples)[slots[sel]]
-        flip_rng = np.random.default_rng([seed, int(epoch), 1])
-        flips[sel] = flip_rng.random(num_examples)[slots[sel]] < 0.5
+        perm, epoch_flips = _epoch_order(seed, int(epoch), num_examples)
+        indices[sel] = perm[slots[sel]]
+        flips[sel] = epoch_flips[slots[sel]]
     return indices, flips
 
 
