@@ -1,4 +1,9 @@
-"""In-memory datasets with a deterministic, resumable, per-process batch order.
+"""Random-access data sources with a deterministic, resumable, per-process batch order.
+
+A *source* (:class:`Source`) is anything with ``len``, ``num_classes``, ``shape`` (one example's)
+and ``take(indices)`` returning examples in model units; :class:`ArrayDataset` is the in-memory
+one (images kept as uint8, converted in ``take``). ``scm_jax.data.sources.load_dataset`` builds
+a source from a config's ``dataset`` section.
 
 The order is a pure function of (seed, step): global position p = step * batch + i falls in
 epoch p // N at slot p % N of that epoch's permutation (drawn from ``seed`` and the epoch), so a
@@ -12,32 +17,119 @@ from __future__ import annotations
 import dataclasses
 import functools
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 
+@runtime_checkable
+class Source(Protocol):
+    """Random access to N examples, returned in model units.
+
+    Attributes:
+      num_classes: number of classes K (labels in [0, K)); 0 = unconditional (no labels).
+      shape: one example's shape, e.g. ``(H, W, C)`` for images, ``(D,)`` for vectors.
+    """
+
+    num_classes: int
+    shape: tuple[int, ...]
+
+    def __len__(self) -> int: ...
+
+    def take(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Examples at ``indices`` ``(n,)``: float32 ``(n, *shape)`` in model units (images in
+        [-1, 1], latents normalised) and int32 labels ``(n,)``, or None when unconditional."""
+        ...
+
+
+def uint8_to_model(x: np.ndarray) -> np.ndarray:
+    """Images uint8 in [0, 255] -> float32 in [-1, 1] (same shape)."""
+    return x.astype(np.float32) / np.float32(127.5) - np.float32(1)
+
+
+def class_interleaved_order(labels: np.ndarray) -> np.ndarray:
+    """A stable reordering that visits classes in turn: the first example of every class (in
+    label order), then the second of each, and so on; any prefix is as class-balanced as it can be.
+
+    Args:
+      labels: ``(N,)`` integer labels, in the data's original order.
+    Returns:
+      ``(N,)`` int64 indices into the original order.
+    """
+    labels = np.asarray(labels)
+    rank = np.empty(len(labels), np.int64)  # position of each example within its class
+    for c in np.unique(labels):
+        sel = labels == c
+        rank[sel] = np.arange(int(sel.sum()))
+    return np.lexsort((np.arange(len(labels)), labels, rank))
+
+
 @dataclasses.dataclass(frozen=True)
 class ArrayDataset:
-    """Examples ``x`` ``(N, ...)`` float32 (images NHWC in [-1, 1], or vectors) and optional
-    integer ``labels`` ``(N,)``."""
+    """In-memory examples ``x`` ``(N, ...)`` and optional integer ``labels`` ``(N,)``.
+
+    ``x`` is either uint8 images in [0, 255] (stored as is, 1 byte per value, and mapped to
+    [-1, 1] float32 by :meth:`take`) or a float array already in model units (stored as float32).
+    ``num_classes`` defaults to ``max(labels) + 1`` (0 without labels); labels must lie in
+    [0, num_classes).
+    """
 
     x: np.ndarray
     labels: np.ndarray | None = None
+    num_classes: int | None = None
 
     def __post_init__(self) -> None:
-        if self.x.ndim < 2 or len(self.x) == 0:
-            raise ValueError(f"dataset needs a non-empty (N, ...) array, got shape {self.x.shape}")
-        if self.labels is not None and self.labels.shape != (len(self.x),):
+        x = np.asarray(self.x)
+        if x.ndim < 2 or len(x) == 0:
+            raise ValueError(f"dataset needs a non-empty (N, ...) array, got shape {x.shape}")
+        if x.dtype != np.uint8:
+            if not np.issubdtype(x.dtype, np.floating):
+                raise ValueError(
+                    f"dataset examples must be uint8 images in [0, 255] or floats in model units, "
+                    f"got dtype {x.dtype}; convert them (e.g. x.astype(np.uint8))"
+                )
+            x = np.asarray(x, np.float32)
+        object.__setattr__(self, "x", x)
+        if self.labels is None:
+            if self.num_classes:
+                raise ValueError(f"num_classes={self.num_classes} but the dataset has no labels")
+            object.__setattr__(self, "num_classes", 0)
+            return
+        labels = np.asarray(self.labels)
+        if labels.shape != (len(x),):
+            raise ValueError(f"labels must have shape ({len(x)},) to match x, got {labels.shape}")
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
+        lo, hi = int(labels.min()), int(labels.max())
+        num_classes = hi + 1 if self.num_classes is None else int(self.num_classes)
+        if lo < 0 or hi >= num_classes:
             raise ValueError(
-                f"labels must have shape ({len(self.x)},) to match x, got {self.labels.shape}"
+                f"labels must lie in [0, num_classes={num_classes}), found labels in [{lo}, {hi}]"
             )
+        object.__setattr__(self, "labels", labels.astype(np.int32, copy=False))
+        object.__setattr__(self, "num_classes", num_classes)
 
     def __len__(self) -> int:
         return len(self.x)
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """One example's shape ``x.shape[1:]``."""
+        return tuple(self.x.shape[1:])
+
+    def take(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Examples at ``indices`` ``(n,)``: float32 ``(n, *shape)`` in model units, int32 labels
+        ``(n,)`` or None."""
+        x = self.x[indices]
+        x = uint8_to_model(x) if x.dtype == np.uint8 else x
+        return x, None if self.labels is None else self.labels[indices]
+
 
 def load_npz(path: str | Path, x_key: str = "x", label_key: str = "labels") -> ArrayDataset:
     """Load an ``.npz`` with examples under ``x_key`` and optional labels under ``label_key``.
+
+    uint8 examples are kept as images in [0, 255] (``take`` maps them to [-1, 1]); float examples
+    are taken as already in model units (stored as float32).
 
     Raises:
       FileNotFoundError: the file does not exist.
@@ -49,8 +141,8 @@ def load_npz(path: str | Path, x_key: str = "x", label_key: str = "labels") -> A
     with np.load(path) as f:
         if x_key not in f:
             raise ValueError(f"{path} has no array {x_key!r}; it holds {sorted(f.files)}")
-        x = np.asarray(f[x_key], np.float32)
-        labels = np.asarray(f[label_key], np.int32) if label_key in f else None
+        x = f[x_key]
+        labels = f[label_key] if label_key in f else None
     return ArrayDataset(x, labels)
 
 
@@ -104,7 +196,7 @@ def batch_indices(
 
 
 def get_batch(
-    data: ArrayDataset,
+    data: Source,
     step: int,
     batch_size: int,
     seed: int,
@@ -115,14 +207,18 @@ def get_batch(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """This process's examples (and labels) of the global batch at ``step``.
 
-    ``flip`` mirrors images ``(N, H, W, C)`` left-right where the deterministic flip bit is set.
-    Returns ``(x, labels)`` with ``x`` of shape ``(batch_size / process_count, ...)``.
+    Args:
+      data: any :class:`Source` (read with ``data.take(indices)``).
+      step, batch_size, seed, process_index, process_count: as in :func:`batch_indices`.
+      flip: mirror images ``(n, H, W, C)`` left-right where the deterministic flip bit is set.
+    Returns:
+      ``(x, labels)``: float32 ``(batch_size / process_count, *data.shape)`` in model units and
+      int32 labels of that length, or None for an unconditional source.
     """
     idx, flips = batch_indices(step, len(data), batch_size, seed, process_index, process_count)
-    x = data.x[idx]
+    x, labels = data.take(idx)
     if flip:
         if x.ndim != 4:
             raise ValueError(f"flips apply to images (N, H, W, C), got shape {x.shape}")
         x = np.where(flips[:, None, None, None], x[:, :, ::-1], x)
-    labels = None if data.labels is None else data.labels[idx]
     return x, labels
