@@ -1,0 +1,1 @@
+"""The training system: state, step, loop, checkpoints, metrics."""
