@@ -1,8 +1,8 @@
 """Magnitude-preserving building blocks of the EDM2 network (Karras et al. 2024, config G).
 
-Every function here is JVP-safe: plain jnp math, no custom_vjp. Norms are computed in at least
-float32 and with a tiny floor inside the square root, so that forward-mode derivatives stay
-finite for exactly-zero vectors (a zero one-hot label, for example).
+Every function here is JVP-safe: plain jnp math or a custom_jvp (never a custom_vjp). Norms
+are computed in at least float32 and with a tiny floor inside the square root, so that
+forward-mode derivatives stay finite for exactly-zero vectors (a zero one-hot label, for example).
 
 Layout is channels-last: images ``(B, H, W, C)``, vectors ``(B, C)``. Convolution kernels are
 stored HWIO ``(kh, kw, C_in, C_out)`` and linear weights ``(C_in, C_out)``; every weight named
@@ -11,6 +11,7 @@ stored HWIO ``(kh, kw, C_in, C_out)`` and linear weights ``(C_in, C_out)``; ever
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -124,6 +125,59 @@ def project_weights(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(proj, params)
 
 
+def _conv_xla(x: Array, w: Array) -> Array:
+    return jax.lax.conv_general_dilated(
+        x, w, window_strides=(1, 1), padding="SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
+def _shifted_patches(x: Array, kh: int, kw: int) -> Array:
+    """``(B, H, W, kh kw C)``: the 'same'-padded neighbourhoods of x, (i, j, c) order."""
+    ph, pw = kh // 2, kw // 2
+    xp = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+    h, w = x.shape[1], x.shape[2]
+    return jnp.concatenate(
+        [xp[:, i : i + h, j : j + w, :] for i in range(kh) for j in range(kw)], axis=-1
+    )
+
+
+@jax.custom_jvp
+def _conv_matmul_dw(x: Array, w: Array) -> Array:
+    return _conv_xla(x, w)
+
+
+@functools.partial(_conv_matmul_dw.defjvp, symbolic_zeros=True)
+def _conv_matmul_dw_jvp(primals, tangents):
+    x, w = primals
+    dx, dw = tangents
+    y = _conv_xla(x, w)
+    dy = jnp.zeros_like(y)
+    if not isinstance(dx, jax.custom_derivatives.SymbolicZero):
+        dy = dy + _conv_xla(dx, w)
+    if not isinstance(dw, jax.custom_derivatives.SymbolicZero):
+        kh, kw, c_in, c_out = w.shape
+        dy = dy + _shifted_patches(x, kh, kw) @ dw.reshape(kh * kw * c_in, c_out)
+    return y, dy
+
+
+def conv2d_same(x: Array, w: Array, impl: str = "auto") -> Array:
+    """'same'-padded stride-1 convolution, NHWC x HWIO -> NHWC.
+
+    ``impl='xla'`` is ``lax.conv_general_dilated`` throughout. ``'matmul_dw'`` computes the same
+    function but differentiates the weight through an explicit patch matrix, so the weight
+    gradient is one matmul: XLA:CPU's native weight-gradient convolution is ~10x slower than its
+    forward convolution (docs/performance.md); on GPUs the native one is fast and needs no patch
+    matrix. ``'auto'`` picks ``'matmul_dw'`` when the default backend is the CPU.
+    """
+    if impl == "auto":
+        impl = "matmul_dw" if jax.default_backend() == "cpu" else "xla"
+    if impl == "xla":
+        return _conv_xla(x, w)
+    if impl == "matmul_dw":
+        return _conv_matmul_dw(x, w)
+    raise ValueError(f"unknown conv impl {impl!r}; expected 'auto', 'xla' or 'matmul_dw'")
+
+
 class MPConv(nn.Module):
     """Magnitude-preserving convolution or linear layer with weight normalisation (EDM2 Eq. 47, 66).
 
@@ -157,9 +211,7 @@ class MPConv(nn.Module):
         x = x.astype(dtype)
         if not self.kernel_size:
             return x @ w
-        return jax.lax.conv_general_dilated(
-            x, w, window_strides=(1, 1), padding="SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
-        )
+        return conv2d_same(x, w)
 
 
 class Modulation(nn.Module):
