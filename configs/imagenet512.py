@@ -71,7 +71,8 @@ def get_config(arg=None):
             "lr_rampup_kimg": 0.0 if cm else 10_000.0,
             "grad_clip": 0.0,
         },
-        ema={"halflife_kimg": 0.0, "power_std": (0.05, 0.10)},
+        # Teachers keep the EMA that sCD distils (teacher.ema_std); CMs the paper's 0.05 (+0.10).
+        ema={"halflife_kimg": 0.0, "power_std": (0.05, 0.10) if cm else (t_ema,)},
         batch_size=batch,
         total_kimg=configlib.kimg(4 if a.smoke else iters, batch),
         teacher={

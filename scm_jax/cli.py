@@ -1,5 +1,7 @@
 """The ``scm-jax`` command line.
 
+  scm-jax train  --config configs/mnist.py --workdir runs/mnist [--config.total_kimg=100 ...]
+  scm-jax sample --workdir runs/mnist --steps 2 --num 64 --out samples.png [--labels 3]
   scm-jax info   --config configs/imagenet512.py:size=xxl,objective=scd [--devices N] [--json]
                  [--config.model.dropout=0.2 ...]
   scm-jax config --config configs/mnist.py [--json]
@@ -14,6 +16,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import ml_collections
 from absl import flags
@@ -71,11 +74,17 @@ def config_from_args(config_args: Sequence[str]) -> ml_collections.ConfigDict:
     except flags.Error as e:
         raise UsageError(f"bad override: {e}") from None
     except (KeyError, AttributeError) as e:
-        raise UsageError(
-            f"unknown config field {str(e.args[0] if e.args else e).strip(chr(39) + chr(34))!r} "
-            f"in {' '.join(overrides)}; "
-            "`scm-jax config --config ...` prints every field"
-        ) from None
+        raise UsageError(_unknown_field_message(e, overrides)) from None
+
+
+def _unknown_field_message(e: Exception, overrides: Sequence[str]) -> str:
+    """One line for an override naming a field the config does not have."""
+    text = str(e.args[0] if e.args else e).replace("\\n", "\n").replace("\\'", "'")
+    lines = [ln.strip().strip("'\"\\") for ln in text.splitlines() if ln.strip()]
+    bad = next((o.split("=", 1)[0] for o in overrides if lines and lines[0] in o), None)
+    hint = next((f" ({ln[0].lower()}{ln[1:]})" for ln in lines[1:] if "mean" in ln), "")
+    field = bad.removeprefix("--config.") if bad else (lines[0] if lines else "?")
+    return f"unknown config field {field!r}{hint}; `scm-jax config --config ...` prints every field"
 
 
 def cmd_info(config: ml_collections.ConfigDict, argv: Sequence[str]) -> int:
@@ -103,10 +112,89 @@ def cmd_config(config: ml_collections.ConfigDict, argv: Sequence[str]) -> int:
     return 0
 
 
+def cmd_train(config: ml_collections.ConfigDict, argv: Sequence[str]) -> int:
+    """``scm-jax train``: train (or resume) the run of a config in a workdir."""
+    parser = argparse.ArgumentParser(prog="scm-jax train", description=cmd_train.__doc__)
+    parser.add_argument("--workdir", required=True, help="the run's folder (resumed if it exists)")
+    args = parser.parse_args(argv)
+    from scm_jax.train.checkpoint import CheckpointError  # imports jax: keep `--help` fast
+    from scm_jax.train.loop import train
+
+    try:
+        result = train(config, args.workdir)
+    except (ValueError, FileNotFoundError, CheckpointError, ImportError) as e:
+        raise UsageError(str(e)) from None
+    if result["interrupted"] is not None:
+        return 128 + int(result["interrupted"])
+    return 0
+
+
+def parse_labels(text: str | None) -> list[int] | None:
+    """``'3'`` -> [3]; ``'0,1,2'`` -> [0, 1, 2]; ``'0-9'`` -> [0..9]; None -> None."""
+    if text is None:
+        return None
+    out: list[int] = []
+    try:
+        for part in filter(None, text.split(",")):
+            lo, sep, hi = part.partition("-")
+            out += list(range(int(lo), int(hi) + 1)) if sep and lo else [int(part)]
+    except ValueError:
+        raise UsageError(f"--labels {text!r}: expected ints like 3, 0,1,2 or 0-9") from None
+    return out
+
+
+def cmd_sample(config: ml_collections.ConfigDict, argv: Sequence[str]) -> int:
+    """``scm-jax sample``: draw samples from a run's EMA weights into a PNG grid or an .npz."""
+    parser = argparse.ArgumentParser(prog="scm-jax sample", description=cmd_sample.__doc__)
+    parser.add_argument("--workdir", required=True, help="a training run's folder")
+    parser.add_argument(
+        "--steps", type=int, default=2,
+        help="network evaluations (consistency) or Heun steps (diffusion)",
+    )  # fmt: skip
+    parser.add_argument("--num", type=int, default=64, help="number of samples")
+    parser.add_argument("--labels", help="class labels: 3 | 0,1,2 | 0-9 (repeated to --num)")
+    parser.add_argument("--guidance", type=float, help="CFG scale (guided students, teachers)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ema", help="which EMA (default: the run's first)")
+    parser.add_argument("--out", required=True, help="FILE.png (grid) or FILE.npz (arrays)")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    if out.suffix not in (".png", ".npz"):
+        raise UsageError(f"--out {args.out!r}: use a .png (grid) or .npz file")
+    import numpy as np
+
+    from scm_jax import images
+    from scm_jax.sampler import load_sampler
+    from scm_jax.train.checkpoint import CheckpointError
+
+    labels = parse_labels(args.labels)
+    if labels is not None:
+        labels = (labels * (args.num // len(labels) + 1))[: args.num]
+    try:
+        sampler = load_sampler(args.workdir, ema=args.ema)
+        x = sampler.sample(args.seed, args.num, steps=args.steps, labels=labels,
+                           guidance=args.guidance)  # fmt: skip
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
+        raise UsageError(str(e)) from None
+    if out.suffix == ".png":
+        if len(sampler.shape) != 3:
+            raise UsageError("this model makes points, not images: use --out FILE.npz")
+        images.save_grid(out, x)
+    else:
+        y = None if labels is None else np.asarray(labels, np.int32)
+        images.save_samples_npz(out, x, y)
+    print(f"wrote {args.num} samples ({args.steps} steps) to {out}")
+    return 0
+
+
 COMMANDS: dict[str, Callable[[ml_collections.ConfigDict, Sequence[str]], int]] = {
+    "train": cmd_train,
+    "sample": cmd_sample,
     "info": cmd_info,
     "config": cmd_config,
 }
+# Commands that read a run's saved config instead of --config.
+NO_CONFIG = ("sample",)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -124,7 +212,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         config_args, rest = split_config_args(rest)
-        if any(a in ("-h", "--help") for a in rest):
+        if any(a in ("-h", "--help") for a in rest) or command in NO_CONFIG:
+            if config_args and command in NO_CONFIG:
+                raise UsageError(f"{command} reads the run's own config; drop {config_args[0]}")
             return COMMANDS[command](ml_collections.ConfigDict(), rest)
         return COMMANDS[command](config_from_args(config_args), rest)
     except UsageError as e:

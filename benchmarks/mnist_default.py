@@ -1,0 +1,109 @@
+"""The embedded default (``make run``): train sCT on MNIST-5k, time it, and score the samples.
+
+  python benchmarks/mnist_default.py [--workdir DIR] [--config.x=y ...]
+
+Runs exactly ``scm-jax train --config configs/mnist.py`` (plus any overrides), then measures:
+the wall time of the run, the loss over training (first and last logged intervals), and how
+digit-like the class-conditional samples are: a 1-nearest-neighbour classifier on the 5,000
+training digits labels 1,000 1-step and 2-step samples, and we report how often it agrees with
+the class the sample was drawn for (chance: 10%; the same classifier on the MNIST test set, where
+../shared/data has it, gives its accuracy on real digits for comparison). Writes
+``benchmarks/results/mnist_default.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from scm_jax import cli
+from scm_jax.data.sources import load_mnist_5k
+from scm_jax.sampler import load_sampler
+from scm_jax.train.loop import train
+from scm_jax.train.writers import read_metrics
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results" / "mnist_default.json"
+MNIST_TEST = REPO.parent / "shared" / "data" / "mnist"
+
+
+def nn_agreement(x: np.ndarray, labels: np.ndarray, ref_x: np.ndarray, ref_y: np.ndarray) -> float:
+    """Fraction of ``x`` whose nearest (L2) reference example has the label ``labels``."""
+    a = x.reshape(len(x), -1).astype(np.float32)
+    b = ref_x.reshape(len(ref_x), -1).astype(np.float32)
+    d = (a * a).sum(1)[:, None] - 2 * a @ b.T + (b * b).sum(1)[None]
+    return float(np.mean(ref_y[d.argmin(1)] == labels))
+
+
+def mnist_test_set(n: int = 1000) -> tuple[np.ndarray, np.ndarray] | None:
+    """The first ``n`` official MNIST test digits in [-1, 1], if ../shared/data has them."""
+    img, lab = MNIST_TEST / "t10k-images-idx3-ubyte.gz", MNIST_TEST / "t10k-labels-idx1-ubyte.gz"
+    if not (img.is_file() and lab.is_file()):
+        return None
+    x = np.frombuffer(gzip.open(img).read(), np.uint8, offset=16).reshape(-1, 28, 28, 1)[:n]
+    y = np.frombuffer(gzip.open(lab).read(), np.uint8, offset=8)[:n].astype(np.int32)
+    return x.astype(np.float32) / 127.5 - 1, y
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--workdir", default="/tmp/scm_jax_mnist_default")
+    parser.add_argument("--fresh", action="store_true", help="delete the workdir first")
+    config_args, rest = cli.split_config_args(argv)
+    args = parser.parse_args(rest)
+    config = cli.config_from_args(["--config=configs/mnist.py", *config_args])
+    workdir = Path(args.workdir)
+    if args.fresh and workdir.exists():
+        import shutil
+
+        shutil.rmtree(workdir)
+    t0 = time.time()
+    out = train(config, workdir)
+    seconds = time.time() - t0
+
+    rows = read_metrics(workdir)
+    ref_u8, ref_y = load_mnist_5k()
+    ref_x = ref_u8.astype(np.float32) / 127.5 - 1
+    sampler = load_sampler(workdir)
+    labels = np.arange(1000, dtype=np.int32) % 10
+    scores = {}
+    for steps in (1, 2):
+        x = sampler.sample(123, 1000, steps=steps, labels=labels)
+        scores[f"{steps}step_nn_label_agreement"] = nn_agreement(x, labels, ref_x, ref_y)
+    test = mnist_test_set()
+    if test is not None:
+        scores["real_test_digits_nn_accuracy"] = nn_agreement(test[0], test[1], ref_x, ref_y)
+    result = {
+        "command": "python benchmarks/mnist_default.py --fresh " + " ".join(config_args),
+        "equivalent": "make run (scm-jax train --config configs/mnist.py)",
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "cpu_count": __import__("os").cpu_count(),
+        "device": jax.devices()[0].device_kind,
+        "jax": jax.__version__,
+        "steps": out["step"],
+        "batch_size": config.batch_size,
+        "train_wall_seconds": round(seconds, 1),
+        "compile_seconds": rows[0].get("compile_time_s"),
+        "loss_first_interval": rows[0]["loss"],
+        "loss_last_interval": rows[-1]["loss"],
+        "mse_first_interval": rows[0]["mse"],
+        "mse_last_interval": rows[-1]["mse"],
+        "samples": out["samples"],
+        **{k: round(v, 4) for k, v in scores.items()},
+        "chance": 0.1,
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,205 @@
+"""The sampling API: ``scm_jax.load_sampler(workdir) -> Sampler``.
+
+::
+
+    import scm_jax
+    sampler = scm_jax.load_sampler("runs/mnist_sct")        # the run's EMA weights
+    images = sampler.sample(0, 64, steps=2, labels=range(64))  # (64, 28, 28, 1) in [-1, 1]
+    x0 = sampler.consistency(x_t, t)                           # f_theta(x_t, t)
+    F = sampler.network(x_t / sampler.sigma_d, t)              # F_theta(x_t / sigma_d, t)
+
+For a consistency model (sCT, sCD) ``steps`` is the number of network evaluations (1 or 2 in
+the paper; sCM's t_mid = 1.1 for 2). For a diffusion run (a teacher) ``steps`` is the number of
+EDM Heun steps of the PF-ODE sampler (2 steps - 1 network evaluations each).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from scm_jax import sampling, trigflow
+from scm_jax.networks import NetworkDef
+
+Array = jax.Array
+
+
+class Sampler:
+    """Jitted sampling from one set of network parameters.
+
+    Args:
+      nd: the network; params: its parameters (``init(...)['net']``, usually an EMA).
+      sigma_d, sigma_max, t_mid: TrigFlow data std, largest noise level, 2-step middle time.
+      objective: ``'sct'``/``'scd'`` (consistency sampling) or ``'diffusion'`` (PF-ODE).
+      guidance: default guidance scale for networks with a guidance input (sCD CFG students).
+      batch_size: largest batch per network call in :meth:`sample` (bounds memory).
+    """
+
+    def __init__(
+        self, nd: NetworkDef, params: Any, *, sigma_d: float, sigma_max: float = 80.0,
+        t_mid: float = 1.1, objective: str = "sct", guidance: float | None = None,
+        batch_size: int = 256, _cache: dict | None = None,
+    ) -> None:  # fmt: skip
+        self.nd, self.params = nd, params
+        self.sigma_d, self.sigma_max, self.t_mid = float(sigma_d), float(sigma_max), float(t_mid)
+        self.objective = objective
+        self.guidance = guidance
+        self.batch_size = int(batch_size)
+        self._cache: dict[Any, Any] = {} if _cache is None else _cache
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """One sample's shape: ``(H, W, C)`` images or ``(D,)`` points."""
+        return self.nd.sample_shape
+
+    def with_params(self, params: Any) -> Sampler:
+        """The same sampler with other parameters, sharing compiled functions."""
+        return Sampler(
+            self.nd, params, sigma_d=self.sigma_d, sigma_max=self.sigma_max, t_mid=self.t_mid,
+            objective=self.objective, guidance=self.guidance, batch_size=self.batch_size,
+            _cache=self._cache,
+        )  # fmt: skip
+
+    # -- inputs ---------------------------------------------------------------------------
+    def _labels(self, labels: Any, n: int) -> Array | None:
+        if not self.nd.num_classes:
+            if labels is not None:
+                raise ValueError("this model is unconditional; do not pass labels")
+            return None
+        if labels is None:
+            return jnp.arange(n, dtype=jnp.int32) % self.nd.num_classes
+        out = np.asarray(list(labels) if isinstance(labels, Iterable) else labels, np.int32)
+        out = np.broadcast_to(out, (n,)) if out.ndim == 0 else out
+        if out.shape != (n,):
+            raise ValueError(f"labels must be one int or {n} ints, got shape {out.shape}")
+        if np.any((out < -1) | (out >= self.nd.num_classes)):
+            raise ValueError(f"labels must lie in [0, {self.nd.num_classes}) (or -1 = null)")
+        return jnp.asarray(out)
+
+    def _guidance(self, guidance: float | None, n: int) -> Array | None:
+        g = self.guidance if guidance is None else guidance
+        if self.nd.guidance_input:
+            return jnp.full((n,), 1.0 if g is None else float(g), jnp.float32)
+        if guidance is not None and self.objective != "diffusion":
+            raise ValueError("this model has no guidance input; do not pass guidance")
+        return None
+
+    # -- the network and the consistency function ------------------------------------------
+    def network(self, x_scaled: Any, t: Any, labels: Any = None, guidance: float | None = None):
+        """F_theta(x_scaled, t) ``(B, ...)`` float32; ``x_scaled = x_t / sigma_d``, t ``(B,)``."""
+        x = jnp.asarray(x_scaled, jnp.float32)
+        b = x.shape[0]
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
+        fn = self._cache.setdefault("network", jax.jit(self.nd.apply_fn))
+        return fn(self.params, x, t, self._labels(labels, b), self._guidance(guidance, b))
+
+    def consistency(self, x_t: Any, t: Any, labels: Any = None, guidance: float | None = None):
+        """f_theta(x_t, t) = cos t x_t - sin t sigma_d F_theta (the clean-sample estimate)."""
+        x = jnp.asarray(x_t, jnp.float32)
+        b = x.shape[0]
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
+        F = self.network(x / self.sigma_d, t, labels, guidance)
+        return trigflow.consistency_fn(x, t, F, self.sigma_d)
+
+    # -- sampling -------------------------------------------------------------------------
+    def _fn(self, steps: int, b: int):
+        key = ("sample", steps, b)
+        if key not in self._cache:
+            shape = (b, *self.shape)
+            if self.objective == "diffusion":
+                fn, _ = sampling.make_ode_sampler(self.nd.apply_fn, shape, steps, self.sigma_d,
+                                                  sigma_max=self.sigma_max)  # fmt: skip
+            else:
+                times = sampling.consistency_times(
+                    steps, trigflow.t_max(self.sigma_max, self.sigma_d), self.t_mid
+                )
+                fn = sampling.make_consistency_sampler(self.nd.apply_fn, shape, times, self.sigma_d)
+            self._cache[key] = fn
+        return self._cache[key]
+
+    def sample(
+        self, rng: int | Array, num: int, steps: int = 2, labels: Any = None,
+        guidance: float | None = None,
+    ) -> np.ndarray:  # fmt: skip
+        """``num`` samples as numpy float32 ``(num, *shape)``; images in [-1, 1] (clipped).
+
+        Args:
+          rng: an int seed or a PRNG key; equal seeds give equal samples.
+          num: number of samples.
+          steps: network evaluations (consistency) or Heun steps (diffusion).
+          labels: class labels (one int or ``num`` ints); default ``i % num_classes``.
+          guidance: CFG scale: the student's guidance input, or the teacher's CFG scale for a
+            diffusion run (needs labels).
+        """
+        if num < 1 or steps < 1:
+            raise ValueError(f"num and steps must be >= 1, got num={num}, steps={steps}")
+        key = jax.random.key(rng) if isinstance(rng, int | np.integer) else rng
+        y = self._labels(labels, num)
+        b = min(self.batch_size, num)
+        outs = []
+        for i, start in enumerate(range(0, num, b)):
+            n = min(b, num - start)
+            yi = None if y is None else jnp.pad(y[start : start + n], (0, b - n))
+            k = jax.random.fold_in(key, i)
+            if self.objective == "diffusion":
+                s = None if guidance is None else jnp.full((b,), float(guidance))
+                if s is not None and yi is None:
+                    raise ValueError("classifier-free guidance needs a class-conditional model")
+                x = self._fn(steps, b)(self.params, k, yi, s)
+            else:
+                x = self._fn(steps, b)(self.params, k, yi, self._guidance(guidance, b))
+            outs.append(np.asarray(x[:n], np.float32))
+        out = np.concatenate(outs)
+        return np.clip(out, -1.0, 1.0) if len(self.shape) == 3 else out
+
+
+def load_sampler(
+    path: str | Path, *, ema: str | None = None, step: int | None = None,
+    batch_size: int = 256,
+) -> Sampler:  # fmt: skip
+    """A :class:`Sampler` with the EMA weights of a training run.
+
+    Args:
+      path: the run's workdir (``scm-jax train --workdir``).
+      ema: which EMA (``'halflife'``, ``'power_0.050'``, ...; default the run's first).
+      step: which checkpoint (default the latest).
+      batch_size: largest batch per network call.
+    Raises:
+      FileNotFoundError: not a training run's folder; ValueError: no such EMA;
+      scm_jax.train.checkpoint.CheckpointError: no readable checkpoint.
+    """
+    from scm_jax.ema import ema_names
+    from scm_jax.networks import build_network
+    from scm_jax.train.checkpoint import Checkpointer
+    from scm_jax.train.workdir import load_run_config
+
+    cfg = load_run_config(path)
+    nd = build_network(cfg["model"])
+    names = ema_names(cfg["ema"]["power_std"], cfg["ema"]["halflife_kimg"])
+    name = ema or (names[0] if names else None)
+    if name not in names:
+        raise ValueError(f"run {str(path)!r} keeps EMAs {names}; no {name!r}")
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+        nd.abstract_params()["net"],
+    )
+    ckpt = Checkpointer(path, read_only=True)
+    try:
+        emas = ckpt.restore_emas({n: abstract for n in names}, step)
+    finally:
+        ckpt.close()
+    teacher = cfg.get("teacher", {})
+    guidance = None
+    if cfg["model"].get("guidance_input"):
+        guidance = 0.5 * (teacher.get("guidance_min", 1.0) + teacher.get("guidance_max", 1.0))
+    tf = cfg["trigflow"]
+    return Sampler(
+        nd, emas[name], sigma_d=tf["sigma_d"], sigma_max=tf["sigma_max"], t_mid=tf["t_mid"],
+        objective=cfg["objective"], guidance=guidance, batch_size=batch_size,
+    )  # fmt: skip

@@ -1,0 +1,284 @@
+"""The training loop: ``train(config, workdir)`` behind ``scm-jax train`` and ``scm_jax.main``.
+
+One function runs every objective from a config: it builds the mesh and network, loads the data
+and (for sCD) the teacher, creates the train state directly in its FSDP sharding (or restores the
+workdir's latest checkpoint, data position and RNG included), then steps a jitted, state-donating
+update, logging metrics, writing sample grids and checkpoints at the config's intervals (in
+images). SIGTERM / SIGINT stop it after the current step with a checkpoint, so a preempted job
+resumes exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from scm_jax import configlib
+from scm_jax.data.prefetch import Prefetcher
+from scm_jax.data.sources import load_dataset
+from scm_jax.losses import proposal_time_edges
+from scm_jax.networks import build_network
+from scm_jax.optim import make_optimizer
+from scm_jax.sampler import Sampler
+from scm_jax.sharding import batch_sharding, make_mesh
+from scm_jax.train import metrics as metrics_lib
+from scm_jax.train.checkpoint import Checkpointer
+from scm_jax.train.previews import write_previews
+from scm_jax.train.progress import Progress
+from scm_jax.train.state import abstract_state, create_sharded_state, init_state, with_shardings
+from scm_jax.train.step import make_train_step
+from scm_jax.train.teacher import Teacher, load_ema_params, load_teacher
+from scm_jax.train.workdir import prepare_workdir
+from scm_jax.train.writers import create_writers
+
+NUM_TIME_BINS = 4
+
+
+def every_steps(kimg: float, batch_size: int) -> int:
+    """An interval in thousands of images as a step count (0 = never)."""
+    return 0 if kimg <= 0 else max(1, round(kimg * 1000 / batch_size))
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raise ValueError for a config that cannot train (names the field and how to fix it)."""
+    configlib.check_choice("objective", config.objective, configlib.OBJECTIVES)
+    configlib.check_choice("dataset.source", config.dataset.source, configlib.DATA_SOURCES)
+    if config.batch_size < 1 or config.total_kimg <= 0:
+        raise ValueError(
+            f"batch_size ({config.batch_size}) and total_kimg ({config.total_kimg}) must be > 0"
+        )
+
+
+class _StopFlag:
+    """Set by SIGTERM / SIGINT; the loop checkpoints and returns after the current step."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def _initial_net(config, mesh, teacher: Teacher | None, log) -> Any:
+    """Network parameters a new run starts from: ``init_from``, else the sCD teacher, else None."""
+    if config.init_from:
+        net, _, name = load_ema_params(config.init_from, config.model, mesh, what="init_from run")
+        log(f"initialised from {config.init_from} (EMA {name})")
+        return net
+    if teacher is not None and teacher.nd is not None:
+        log(f"student initialised from the teacher {teacher.source}")
+        return teacher.params
+    return None
+
+
+def train(
+    config: ml_collections.ConfigDict, workdir: str | Path, *, log: Callable[[str], None] = print
+) -> dict[str, Any]:
+    """Train (or resume) the run of ``config`` in ``workdir``.
+
+    Args:
+      config: a resolved config (``configs/*.py`` + overrides).
+      workdir: the run's folder: ``config.json``, ``checkpoints/``, ``metrics.jsonl``,
+        TensorBoard events and ``samples/``. An existing run there is resumed.
+      log: where progress lines go.
+    Returns:
+      ``{'step', 'nimg', 'seconds', 'interrupted' (signal number or None), 'samples' (paths),
+      'metrics' (the last logged scalars)}``.
+    Raises:
+      ValueError / FileNotFoundError / CheckpointError with one clear message for a bad config,
+      missing data or teacher, or a workdir holding another run; nothing is overwritten then.
+    """
+    validate(config)
+    workdir = Path(workdir)
+    t_start = time.time()
+    sigma_d = float(config.trigflow.sigma_d)
+    is_main = jax.process_index() == 0
+    nd = build_network(config.model)
+    mesh = make_mesh(config.train.mesh_data, config.train.mesh_fsdp)
+    if config.batch_size % mesh.size:
+        raise ValueError(
+            f"batch_size {config.batch_size} is not divisible by the {mesh.size} devices of the "
+            f"mesh; choose a multiple of {mesh.size}"
+        )
+    source = load_dataset(config.dataset, sigma_d=sigma_d, seed=config.seed)
+    if tuple(source.shape) != nd.sample_shape:
+        raise ValueError(
+            f"the data's examples have shape {tuple(source.shape)} but the network takes "
+            f"{nd.sample_shape} (dataset.shape / model.img_resolution / img_channels)"
+        )
+    teacher = load_teacher(config, mesh) if config.objective == "scd" else None
+    tx, schedule = make_optimizer(**config.optim, batch_size=config.batch_size)
+
+    ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints)
+    latest = ckpt.latest_step()
+    changes = prepare_workdir(
+        workdir, config, has_checkpoint=latest is not None, step=latest or 0,
+        is_main_process=is_main,
+    )  # fmt: skip
+    ema_cfg = {"power_std": tuple(config.ema.power_std), "halflife_kimg": config.ema.halflife_kimg}
+    per_leaf = mesh.shape["fsdp"] > 1
+
+    def make_state(key, init_net):
+        return init_state(nd, tx, key, **ema_cfg, init_net=init_net, per_leaf=per_leaf)
+
+    key = jax.random.key(config.seed)
+    if latest is not None:
+        meta = ckpt.read_meta(latest)
+        if meta.get("batch_size") != config.batch_size:
+            raise ValueError(
+                f"{workdir} was trained with batch_size {meta.get('batch_size')}; resume with the "
+                "same batch (the data position depends on it) or start a new --workdir"
+            )
+        target, shardings = abstract_state(make_state, mesh, key, None)
+        state = ckpt.restore(with_shardings(target, shardings), latest)
+        log(f"resumed {workdir} at step {latest} ({latest * config.batch_size / 1000:.1f} kimg)")
+        for line in changes:
+            log(f"  changed since the checkpoint: {line}")
+    else:
+        init_net = _initial_net(config, mesh, teacher, log)
+        state, shardings = create_sharded_state(make_state, mesh, key, init_net)
+
+    total_steps = math.ceil(config.total_kimg * 1000 / config.batch_size)
+    start = int(state.step)
+    cm = config.objective != "diffusion"
+    step_fn = make_train_step(
+        nd, tx, schedule, objective=config.objective, sigma_d=sigma_d,
+        P_mean=config.trigflow.P_mean, P_std=config.trigflow.P_std,
+        batch_size=config.batch_size, **ema_cfg,
+        loss_options={
+            "warmup_steps": config.loss.tangent_warmup_steps,
+            "warmup_form": config.loss.warmup_form, "tangent_norm": config.loss.tangent_norm,
+            "tangent_c": config.loss.tangent_c, "mask_nonfinite": config.loss.mask_nonfinite,
+        } if cm else None,
+        adaptive_weighting=config.loss.adaptive_weighting,
+        teacher_apply_fn=None if teacher is None else teacher.apply_fn,
+        guidance_range=(config.teacher.guidance_min, config.teacher.guidance_max),
+        time_edges=proposal_time_edges(
+            config.trigflow.P_mean, config.trigflow.P_std, sigma_d, NUM_TIME_BINS
+        ),
+    )  # fmt: skip
+    replicated = NamedSharding(mesh, PartitionSpec())
+    jit_step = jax.jit(step_fn, donate_argnums=0, out_shardings=(shardings, replicated))
+    accumulate = jax.jit(_accumulate)
+    teacher_params = None if teacher is None else teacher.params
+    x_sharding = batch_sharding(mesh)
+
+    log_every = every_steps(config.train.log_every_kimg, config.batch_size)
+    ckpt_every = every_steps(config.train.ckpt_every_kimg, config.batch_size)
+    sample_every = every_steps(config.train.sample_every_kimg, config.batch_size)
+    ema_names = list(state.emas)
+    sampler = Sampler(
+        nd, None, sigma_d=sigma_d, sigma_max=config.trigflow.sigma_max,
+        t_mid=config.trigflow.t_mid, objective=config.objective,
+        guidance=0.5 * (config.teacher.guidance_min + config.teacher.guidance_max),
+    )  # fmt: skip
+
+    def previews(st) -> list[str]:
+        params = st.emas[ema_names[0]] if ema_names else st.params["net"]
+        return write_previews(
+            sampler.with_params(params), workdir, int(st.step), writers,
+            num=config.train.sample_grid, ode_steps=config.train.teacher_sample_steps,
+            seed=config.seed, is_main_process=is_main,
+        )  # fmt: skip
+
+    def meta(st) -> dict[str, Any]:
+        s = int(st.step)
+        return {"step": s, "nimg": s * config.batch_size, "batch_size": config.batch_size,
+                "seed": config.seed, "objective": config.objective, "ema_names": ema_names,
+                "time": time.time()}  # fmt: skip
+
+    n_params = sum(x.size for x in jax.tree.leaves(state.params["net"]))
+    log(
+        f"{config.objective} on {config.dataset.name} ({len(source)} examples): "
+        f"{n_params / 1e6:.2f} M parameters, batch {config.batch_size}, "
+        f"{total_steps} steps ({config.total_kimg:g} kimg); mesh data={mesh.shape['data']} "
+        f"x fsdp={mesh.shape['fsdp']} on {jax.devices()[0].platform}; workdir {workdir}"
+    )
+    if teacher is not None:
+        log(f"teacher: {teacher.source}")
+    writers = create_writers(workdir, is_main_process=is_main)
+    progress = Progress(total_steps, start_step=start, batch_size=config.batch_size, print_fn=log)
+    samples: list[str] = []
+    last: dict[str, float] = {}
+    empty = metrics_lib.empty_metrics(NUM_TIME_BINS)
+    acc, logged_at = empty, start
+    saved_at = start if latest is not None else -1
+    num_classes = nd.num_classes
+    with _StopFlag() as stop, Prefetcher(
+        source, batch_size=config.batch_size, seed=config.seed, start_step=start,
+        flip=config.dataset.flip, process_index=jax.process_index(),
+        process_count=jax.process_count(), depth=config.train.prefetch_batches,
+    ) as batches:  # fmt: skip
+        for step, x, labels in batches:
+            if step >= total_steps or stop.signum is not None:
+                break
+            xg = jax.make_array_from_process_local_data(x_sharding, x)
+            yg = None
+            if num_classes:
+                yg = jax.make_array_from_process_local_data(x_sharding, labels.astype(np.int32))
+            state, values = jit_step(state, xg, yg, teacher_params)
+            acc = accumulate(acc, values)
+            s = step + 1
+            if (log_every and s % log_every == 0) or s == total_steps:
+                last = progress_log(progress, writers, s, acc)
+                acc, logged_at = empty, s
+            if sample_every and s % sample_every == 0 and s < total_steps:
+                samples += previews(state)
+            if ckpt_every and s % ckpt_every == 0 and s < total_steps:
+                ckpt.save(state, meta(state))
+                saved_at = s
+    final = int(state.step)
+    if final != logged_at:
+        last = progress_log(progress, writers, final, acc)
+    if final != saved_at:
+        ckpt.save(state, meta(state))
+    if stop.signum is None or final == total_steps:
+        samples += previews(state)
+    ckpt.close()
+    writers.close()
+    interrupted = stop.signum if final < total_steps else None
+    if interrupted is not None:
+        log(f"stopped by signal {interrupted} at step {final}; checkpoint saved, run the same "
+            "command to resume")  # fmt: skip
+    else:
+        log(f"done: {final} steps in {time.time() - t_start:.1f} s; checkpoints in "
+            f"{ckpt.directory}")  # fmt: skip
+    return {"step": final, "nimg": final * config.batch_size, "seconds": time.time() - t_start,
+            "interrupted": interrupted, "samples": samples, "metrics": last}  # fmt: skip
+
+
+def _accumulate(acc: metrics_lib.TrainMetrics, values: dict[str, Any]) -> Any:
+    """Add one step's values to the interval's metrics."""
+    return acc.merge(metrics_lib.make_step_metrics(num_time_bins=NUM_TIME_BINS, **values))
+
+
+def progress_log(progress: Progress, writers: Any, step: int, acc: Any) -> dict[str, float]:
+    """Summarise accumulated metrics, print the progress line and write the scalars."""
+    scalars = metrics_lib.summarize(acc)
+    progress.update(step, scalars)
+    scalars.update(progress.timing_scalars())
+    writers.write_scalars(step, scalars)
+    return scalars

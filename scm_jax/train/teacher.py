@@ -1,0 +1,127 @@
+"""Weights from other runs: the sCD teacher, and ``init_from`` starting points.
+
+Both read a training workdir's EMA network parameters (the ``emas`` checkpoint item), check the
+architecture against the config this run expects, and place the parameters in the run's
+shardings. The toy config's teacher is the exact Gaussian-mixture field instead
+(``teacher.kind = 'exact_gmm'``): no checkpoint, no parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+from jax.sharding import Mesh
+
+from scm_jax.ema import ema_names
+from scm_jax.guidance import ApplyFn
+from scm_jax.networks import NetworkDef, build_network
+from scm_jax.sharding import state_shardings
+from scm_jax.train.checkpoint import Checkpointer
+from scm_jax.train.workdir import check_same_architecture, load_run_config
+
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+    """sCD's teacher: ``apply_fn(params, x_scaled, t, labels, guidance, key)`` and its params.
+
+    ``nd`` is None for an exact (analytic) teacher; ``source`` says where it came from.
+    """
+
+    apply_fn: ApplyFn
+    params: Any
+    nd: NetworkDef | None
+    source: str
+
+
+def ema_name_for(run_config: Mapping[str, Any], sigma_rel: float = 0.0) -> str:
+    """Which EMA of a run to load: ``power_<sigma_rel>`` if asked for, else the first one.
+
+    Raises:
+      ValueError: the run has no such EMA (the message lists those it has).
+    """
+    names = ema_names(run_config["ema"]["power_std"], run_config["ema"]["halflife_kimg"])
+    if not names:
+        raise ValueError("that run keeps no EMA (ema.power_std empty and halflife_kimg 0)")
+    if sigma_rel:
+        want = f"power_{sigma_rel:.3f}"
+        if want not in names:
+            raise ValueError(
+                f"the run keeps EMAs {names}, not {want}; set --config.teacher.ema_std to one of "
+                "its sigma_rel values (or 0 for its first EMA)"
+            )
+        return want
+    return names[0]
+
+
+def load_ema_params(
+    workdir: str | Path, model_cfg: Mapping[str, Any], mesh: Mesh, *, sigma_rel: float = 0.0,
+    what: str = "checkpoint", step: int | None = None,
+) -> tuple[Any, dict[str, Any], str]:  # fmt: skip
+    """Load a run's EMA network parameters, sharded over ``mesh``.
+
+    Args:
+      workdir: the other run's folder.
+      model_cfg: the ``model`` section the parameters must fit (dropout/guidance may differ).
+      mesh: where to place them (FSDP-sharded like a student).
+      sigma_rel: which power EMA (0: the run's first EMA).
+      what: a word for error messages ('teacher', 'init_from run').
+      step: which checkpoint (default: the latest).
+    Returns:
+      ``(net params, the run's config dict, EMA name)``.
+    Raises:
+      FileNotFoundError / ValueError / CheckpointError: not a run, another architecture, no such
+        EMA, or no readable checkpoint.
+    """
+    run_cfg = load_run_config(workdir)
+    check_same_architecture(model_cfg, run_cfg["model"], what=what, where=str(workdir))
+    name = ema_name_for(run_cfg, sigma_rel)
+    nd = build_network(run_cfg["model"])
+    abstract_net = nd.abstract_params()["net"]
+    all_names = ema_names(run_cfg["ema"]["power_std"], run_cfg["ema"]["halflife_kimg"])
+    shard = state_shardings(abstract_net, mesh)
+    target_one = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_net, shard
+    )
+    ckpt = Checkpointer(workdir, read_only=True)
+    try:
+        emas = ckpt.restore_emas({n: target_one for n in all_names}, step)
+    finally:
+        ckpt.close()
+    return emas[name], run_cfg, name
+
+
+def load_teacher(config: Any, mesh: Mesh) -> Teacher:
+    """The teacher a sCD config asks for.
+
+    Raises:
+      ValueError: no teacher configured (the message says how to train one), a teacher that is
+        not a diffusion model, or one of another architecture.
+    """
+    t_cfg = config.teacher
+    if t_cfg.get("kind", "") == "exact_gmm":
+        from scm_jax.toy.gmm import GaussianMixture, teacher_apply_fn
+
+        gmm = GaussianMixture.from_dict(config.dataset)
+        return Teacher(teacher_apply_fn(gmm, config.trigflow.sigma_d), None, None, "exact_gmm")
+    if not t_cfg.workdir:
+        raise ValueError(
+            "sCD needs a teacher: set --config.teacher.workdir=DIR to the workdir of a diffusion "
+            "run of the same architecture, trained with `scm-jax train --config "
+            "<config>:objective=diffusion --workdir DIR`"
+        )
+    run_cfg = load_run_config(t_cfg.workdir)
+    if run_cfg.get("objective") != "diffusion":
+        raise ValueError(
+            f"the teacher in {t_cfg.workdir} was trained with objective "
+            f"{run_cfg.get('objective')!r}; sCD distils a diffusion model (objective=diffusion)"
+        )
+    params, run_cfg, name = load_ema_params(
+        t_cfg.workdir, config.model, mesh, sigma_rel=float(t_cfg.get("ema_std", 0.0) or 0.0),
+        what="teacher",
+    )  # fmt: skip
+    nd = build_network({**run_cfg["model"], "dropout": 0.0})
+    return Teacher(nd.apply_fn, params, nd, f"{t_cfg.workdir} (EMA {name})")
