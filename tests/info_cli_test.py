@@ -63,7 +63,10 @@ def test_info_of_the_1p5b_xxl_scd_model():
         (["info", "--config", "imagenet512:size=xxxl"], "unknown size 'xxxl'"),
         (["info", "--config", "mnist:foo=1"], "unknown config argument 'foo'"),
         (["info", "--config", "nope.py"], "config file 'nope.py' not found"),
-        (["info", "--config", "mnist", "--config.model.bogus=1"], "unknown config field 'bogus'"),
+        (
+            ["info", "--config", "mnist", "--config.model.bogus=1"],
+            "unknown config field 'model.bogus'",
+        ),
         (["info", "--config", "mnist", "--config.model.dropout=abc"], "could not convert"),
         (["info", "--config", "mnist", "--config.model.dropout=1.5"], "dropout=1.5 must be in"),
         (["info", "--config", "mnist", "--devices", "0"], "--devices must be >= 1"),

@@ -213,4 +213,25 @@ def test_train_state_is_created_sharded(tmp_path):
             n_sharded += 1
             assert all(s.data.size == leaf.size // 8 for s in leaf.addressable_shards)
     assert n_sharded >= 0.8 * n_matrices
-    assert state.step.sharding.spec == ()  # the step and key are replicated
+    assert state.step.sharding.spec == jax.sharding.PartitionSpec()  # replicated
+
+
+@pytest.mark.slow
+def test_absl_main_and_init_from(mnist_teacher, tmp_path):
+    """``python -m scm_jax.main`` trains a config, here starting from another run's EMA."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = {**os.environ, "XLA_FLAGS": ""}
+    cmd = [sys.executable, "-m", "scm_jax.main", "--config=configs/mnist.py:smoke",
+           f"--workdir={tmp_path / 'run'}", "--config.total_kimg=0.016",
+           f"--config.init_from={mnist_teacher}"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"initialised from {mnist_teacher} (EMA halflife)" in proc.stdout
+    assert [r["step"] for r in read_metrics(tmp_path / "run")][-1] == 2
+    proc = subprocess.run([*cmd[:3], f"--workdir={tmp_path / 'x'}"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode != 0 and "sCD" not in proc.stderr  # missing --config: absl usage

@@ -94,8 +94,12 @@ def _initial_net(config, mesh, teacher: Teacher | None, log) -> Any:
     return None
 
 
+def _print(line: str) -> None:
+    print(line, flush=True)  # flushed: logs of batch jobs go to files
+
+
 def train(
-    config: ml_collections.ConfigDict, workdir: str | Path, *, log: Callable[[str], None] = print
+    config: ml_collections.ConfigDict, workdir: str | Path, *, log: Callable[[str], None] = _print
 ) -> dict[str, Any]:
     """Train (or resume) the run of ``config`` in ``workdir``.
 
