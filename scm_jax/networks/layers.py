@@ -160,17 +160,26 @@ def _conv_matmul_dw_jvp(primals, tangents):
     return y, dy
 
 
+# 'auto' differentiates the weight through the patch matrix on CPUs from this many output
+# positions (batch x height x width) up: below it XLA:CPU's own weight gradient is faster, above
+# it XLA's falls off a cliff (benchmarks/results/cpu_conv.json, docs/performance.md).
+MATMUL_DW_MIN_POSITIONS = 65_536
+
+
 def conv2d_same(x: Array, w: Array, impl: str = "auto") -> Array:
     """'same'-padded stride-1 convolution, NHWC x HWIO -> NHWC.
 
     ``impl='xla'`` is ``lax.conv_general_dilated`` throughout. ``'matmul_dw'`` computes the same
     function but differentiates the weight through an explicit patch matrix, so the weight
-    gradient is one matmul: XLA:CPU's native weight-gradient convolution is ~10x slower than its
-    forward convolution (docs/performance.md); on GPUs the native one is fast and needs no patch
-    matrix. ``'auto'`` picks ``'matmul_dw'`` when the default backend is the CPU.
+    gradient is one matmul: on large inputs XLA:CPU's native weight-gradient convolution costs
+    ~10 forward passes; on GPUs the native one is fast and needs no patch matrix. ``'auto'``
+    picks ``'matmul_dw'`` on the CPU backend for inputs with at least
+    :data:`MATMUL_DW_MIN_POSITIONS` output positions, ``'xla'`` otherwise.
     """
     if impl == "auto":
-        impl = "matmul_dw" if jax.default_backend() == "cpu" else "xla"
+        positions = x.shape[0] * x.shape[1] * x.shape[2]
+        on_cpu = jax.default_backend() == "cpu"
+        impl = "matmul_dw" if on_cpu and positions >= MATMUL_DW_MIN_POSITIONS else "xla"
     if impl == "xla":
         return _conv_xla(x, w)
     if impl == "matmul_dw":
