@@ -95,7 +95,9 @@ class Sampler:
         x = jnp.asarray(x_scaled, jnp.float32)
         b = x.shape[0]
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
-        fn = self._cache.setdefault("network", jax.jit(self.nd.apply_fn))
+        if "network" not in self._cache:
+            self._cache["network"] = jax.jit(self.nd.apply_fn)
+        fn = self._cache["network"]
         return fn(self.params, x, t, self._labels(labels, b), self._guidance(guidance, b))
 
     def consistency(self, x_t: Any, t: Any, labels: Any = None, guidance: float | None = None):
@@ -173,33 +175,17 @@ def load_sampler(
       FileNotFoundError: not a training run's folder; ValueError: no such EMA;
       scm_jax.train.checkpoint.CheckpointError: no readable checkpoint.
     """
-    from scm_jax.ema import ema_names
     from scm_jax.networks import build_network
-    from scm_jax.train.checkpoint import Checkpointer
-    from scm_jax.train.workdir import load_run_config
+    from scm_jax.train.teacher import load_ema_params
 
-    cfg = load_run_config(path)
+    params, cfg, _ = load_ema_params(path, None, None, ema=ema, what="run", step=step)
     nd = build_network(cfg["model"])
-    names = ema_names(cfg["ema"]["power_std"], cfg["ema"]["halflife_kimg"])
-    name = ema or (names[0] if names else None)
-    if name not in names:
-        raise ValueError(f"run {str(path)!r} keeps EMAs {names}; no {name!r}")
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-        nd.abstract_params()["net"],
-    )
-    ckpt = Checkpointer(path, read_only=True)
-    try:
-        emas = ckpt.restore_emas({n: abstract for n in names}, step)
-    finally:
-        ckpt.close()
     teacher = cfg.get("teacher", {})
     guidance = None
     if cfg["model"].get("guidance_input"):
         guidance = 0.5 * (teacher.get("guidance_min", 1.0) + teacher.get("guidance_max", 1.0))
     tf = cfg["trigflow"]
     return Sampler(
-        nd, emas[name], sigma_d=tf["sigma_d"], sigma_max=tf["sigma_max"], t_mid=tf["t_mid"],
+        nd, params, sigma_d=tf["sigma_d"], sigma_max=tf["sigma_max"], t_mid=tf["t_mid"],
         objective=cfg["objective"], guidance=guidance, batch_size=batch_size,
     )  # fmt: skip

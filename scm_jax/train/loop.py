@@ -235,9 +235,10 @@ def train(
         source, batch_size=config.batch_size, seed=config.seed, start_step=start,
         flip=config.dataset.flip, process_index=jax.process_index(),
         process_count=jax.process_count(), depth=config.train.prefetch_batches,
+        stop_step=total_steps,
     ) as batches:  # fmt: skip
         for step, x, labels in batches:
-            if step >= total_steps or stop.signum is not None:
+            if stop.signum is not None:
                 break
             xg = jax.make_array_from_process_local_data(x_sharding, x)
             yg = None

@@ -37,8 +37,11 @@ class Teacher:
     source: str
 
 
-def ema_name_for(run_config: Mapping[str, Any], sigma_rel: float = 0.0) -> str:
-    """Which EMA of a run to load: ``power_<sigma_rel>`` if asked for, else the first one.
+def ema_name_for(
+    run_config: Mapping[str, Any], sigma_rel: float = 0.0, ema: str | None = None
+) -> str:
+    """Which EMA of a run to load: ``ema`` by name, else ``power_<sigma_rel>`` if asked for,
+    else the run's first one.
 
     Raises:
       ValueError: the run has no such EMA (the message lists those it has).
@@ -46,6 +49,10 @@ def ema_name_for(run_config: Mapping[str, Any], sigma_rel: float = 0.0) -> str:
     names = ema_names(run_config["ema"]["power_std"], run_config["ema"]["halflife_kimg"])
     if not names:
         raise ValueError("that run keeps no EMA (ema.power_std empty and halflife_kimg 0)")
+    if ema is not None:
+        if ema not in names:
+            raise ValueError(f"the run keeps EMAs {names}; no {ema!r}")
+        return ema
     if sigma_rel:
         want = f"power_{sigma_rel:.3f}"
         if want not in names:
@@ -58,16 +65,18 @@ def ema_name_for(run_config: Mapping[str, Any], sigma_rel: float = 0.0) -> str:
 
 
 def load_ema_params(
-    workdir: str | Path, model_cfg: Mapping[str, Any], mesh: Mesh, *, sigma_rel: float = 0.0,
-    what: str = "checkpoint", step: int | None = None,
+    workdir: str | Path, model_cfg: Mapping[str, Any] | None, mesh: Mesh | None, *,
+    sigma_rel: float = 0.0, ema: str | None = None, what: str = "checkpoint",
+    step: int | None = None,
 ) -> tuple[Any, dict[str, Any], str]:  # fmt: skip
     """Load a run's EMA network parameters, sharded over ``mesh``.
 
     Args:
       workdir: the other run's folder.
-      model_cfg: the ``model`` section the parameters must fit (dropout/guidance may differ).
-      mesh: where to place them (FSDP-sharded like a student).
-      sigma_rel: which power EMA (0: the run's first EMA).
+      model_cfg: the ``model`` section the parameters must fit (dropout/guidance may differ);
+        None: the run's own network (no check).
+      mesh: where to place them (FSDP-sharded like a student); None: the first device.
+      sigma_rel: which power EMA (0: the run's first EMA); ema: an EMA by name instead.
       what: a word for error messages ('teacher', 'init_from run').
       step: which checkpoint (default: the latest).
     Returns:
@@ -77,12 +86,17 @@ def load_ema_params(
         EMA, or no readable checkpoint.
     """
     run_cfg = load_run_config(workdir)
-    check_same_architecture(model_cfg, run_cfg["model"], what=what, where=str(workdir))
-    name = ema_name_for(run_cfg, sigma_rel)
+    if model_cfg is not None:
+        check_same_architecture(model_cfg, run_cfg["model"], what=what, where=str(workdir))
+    name = ema_name_for(run_cfg, sigma_rel, ema)
     nd = build_network(run_cfg["model"])
     abstract_net = nd.abstract_params()["net"]
     all_names = ema_names(run_cfg["ema"]["power_std"], run_cfg["ema"]["halflife_kimg"])
-    shard = state_shardings(abstract_net, mesh)
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shard = jax.tree.map(lambda _: device, abstract_net)
+    else:
+        shard = state_shardings(abstract_net, mesh)
     target_one = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_net, shard
     )
