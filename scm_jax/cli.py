@@ -5,6 +5,7 @@
   scm-jax info   --config configs/imagenet512.py:size=xxl,objective=scd [--devices N] [--json]
                  [--config.model.dropout=0.2 ...]
   scm-jax config --config configs/mnist.py [--json]
+  scm-jax fid-weights --from pt_inception-2015-12-05-6726825d.pth --out weights/
 
 ``--config`` takes ``path.py[:arg]`` (``configs/`` may be omitted: ``imagenet512:size=xxl``);
 ``--config.a.b=value`` overrides a field, with ml-collections' parsing and type checks.
@@ -187,14 +188,22 @@ def cmd_sample(config: ml_collections.ConfigDict, argv: Sequence[str]) -> int:
     return 0
 
 
+def cmd_fid_weights(config: ml_collections.ConfigDict, argv: Sequence[str]) -> int:
+    """``scm-jax fid-weights``: convert the FID Inception-v3 (.pt/.pth) to DIR/inception_fid.npz."""
+    from scm_jax.eval.fid_weights import main as fid_weights_main  # lazy: torch only here
+
+    return fid_weights_main(argv)
+
+
 COMMANDS: dict[str, Callable[[ml_collections.ConfigDict, Sequence[str]], int]] = {
     "train": cmd_train,
     "sample": cmd_sample,
     "info": cmd_info,
     "config": cmd_config,
+    "fid-weights": cmd_fid_weights,
 }
 # Commands that read a run's saved config instead of --config.
-NO_CONFIG = ("sample",)
+NO_CONFIG = ("sample", "fid-weights")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -204,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
         for name, fn in COMMANDS.items():
-            print(f"  {name:8s} {(fn.__doc__ or '').strip()}")
+            print(f"  {name:12s} {(fn.__doc__ or '').strip()}")
         return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
