@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import os
 import warnings
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from scm_jax.eval.npz import read_npz
 
 Array = jax.Array
 StatsTuple = tuple[np.ndarray, np.ndarray, int | None, dict]
@@ -302,15 +303,7 @@ def load_stats(path: str | os.PathLike) -> StatsTuple:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no FID statistics at {path}")
-    if not zipfile.is_zipfile(path):
-        raise ValueError(f"{path} is not an .npz (zip) file of FID statistics")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            if not isinstance(z, np.lib.npyio.NpzFile):
-                raise ValueError("a single .npy array")
-            arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
-        raise ValueError(f"{path} is not a readable .npz file ({e})") from None
+    arrays = read_npz(path, "expected FID statistics (mu, sigma), e.g. from `scm-jax fid-stats`")
     if "mu" not in arrays or "sigma" not in arrays:
         raise ValueError(
             f"{path} is not a file of FID statistics: no 'mu' and 'sigma' entries "

@@ -38,7 +38,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -49,6 +48,7 @@ import numpy as np
 from flax import traverse_util
 
 from scm_jax.eval.inception_net import FEATURE_DIM, MIN_SIZE, InceptionV3
+from scm_jax.eval.npz import read_npz
 
 Array = jax.Array
 Params = Mapping[str, Any]
@@ -243,15 +243,7 @@ def load_inception(path: str | os.PathLike) -> tuple[dict, dict]:
         path = path / WEIGHTS_FILENAME
     if not path.is_file():
         raise FileNotFoundError(f"no Inception weights at {path}; {HOW_TO_CONVERT}")
-    if not zipfile.is_zipfile(path):
-        raise ValueError(f"{path} is not an .npz (zip) file; {HOW_TO_CONVERT}")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            if not isinstance(z, np.lib.npyio.NpzFile):
-                raise ValueError("a single .npy array")
-            arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
-        raise ValueError(f"{path} is not a readable .npz file ({e}); {HOW_TO_CONVERT}") from None
+    arrays = read_npz(path, HOW_TO_CONVERT)
     if META_KEY not in arrays:
         raise ValueError(
             f"{path} has no {META_KEY!r} entry: not Inception weights written by scm-jax; "
