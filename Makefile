@@ -25,10 +25,17 @@ run: $(STAMP)
 	$(BIN)/scm-jax sample --workdir $(RUN_DIR) --steps 2 --num 100 --labels 0-9 \
 		--out $(RUN_DIR)/digits_2step.png
 
-test: $(STAMP) lint
+# The tests also need PyTorch (the optional `torch` extra): the Inception-v3 conversion is checked
+# against the TorchScript FID model. `make run` does not install it.
+TEST_STAMP := $(VENV)/.installed-test-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[dev,torch]"
+	touch $@
+
+test: $(TEST_STAMP) lint
 	$(BIN)/python -m pytest -q -ra
 
-test-fast: $(STAMP)
+test-fast: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q -ra -m "not slow"
 
 lint: $(STAMP)
