@@ -6,6 +6,10 @@
                  [--config.model.dropout=0.2 ...]
   scm-jax config --config configs/mnist.py [--json]
   scm-jax fid-weights --from pt_inception-2015-12-05-6726825d.pth --out weights/
+  scm-jax fid-stats --data /data/cifar10/train.tar.gz --out c10_train.npz [--num N]
+                    [--ref other.npz] [--inception weights/inception_fid.npz]
+  scm-jax eval   --workdir runs/c10_scd --ref c10_train.npz --steps 1,2 --num 50000
+                 [--teacher-nfe 35] [--guidance 1.5] [--json-out eval.json]
 
 ``--config`` takes ``path.py[:arg]`` (``configs/`` may be omitted: ``imagenet512:size=xxl``);
 ``--config.a.b=value`` overrides a field, with ml-collections' parsing and type checks.
@@ -195,15 +199,41 @@ def cmd_fid_weights(config: ml_collections.ConfigDict, argv: Sequence[str]) -> i
     return fid_weights_main(argv)
 
 
+def _eval_errors(main: Callable[[Sequence[str]], int], argv: Sequence[str]) -> int:
+    """Run an evaluation command, turning its input errors into one-line usage errors."""
+    from scm_jax.train.checkpoint import CheckpointError
+
+    try:
+        return main(argv)
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
+        raise UsageError(str(e)) from None
+
+
+def cmd_fid_stats(config: ml_collections.ConfigDict, argv: Sequence[str]) -> int:
+    """``scm-jax fid-stats``: Inception feature statistics of a dataset (FID against --ref)."""
+    from scm_jax.eval.commands import fid_stats_main  # lazy: imports jax
+
+    return _eval_errors(fid_stats_main, argv)
+
+
+def cmd_eval(config: ml_collections.ConfigDict, argv: Sequence[str]) -> int:
+    """``scm-jax eval``: FID and sampling time of a run's EMA model (and of its teacher)."""
+    from scm_jax.eval.commands import eval_main  # lazy: imports jax
+
+    return _eval_errors(eval_main, argv)
+
+
 COMMANDS: dict[str, Callable[[ml_collections.ConfigDict, Sequence[str]], int]] = {
     "train": cmd_train,
     "sample": cmd_sample,
     "info": cmd_info,
     "config": cmd_config,
     "fid-weights": cmd_fid_weights,
+    "fid-stats": cmd_fid_stats,
+    "eval": cmd_eval,
 }
 # Commands that read a run's saved config instead of --config.
-NO_CONFIG = ("sample", "fid-weights")
+NO_CONFIG = ("sample", "fid-weights", "fid-stats", "eval")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -47,6 +47,17 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "mesh_fsdp": 1,
     "prefetch_batches": 2,  # host batches prepared ahead in a background thread
 }
+# The ``evals`` section: periodic FID during training (docs/evaluation.md); off by default.
+EVAL_DEFAULTS: dict[str, Any] = {
+    "every_kimg": 0.0,  # FID of the EMA every this many kimg and at the end; 0 = off
+    "steps": (1, 2),  # consistency step counts (diffusion runs: Heun at teacher_nfe)
+    "num": 10_000,  # samples per setting (50k for paper numbers; < 2048 biases FID up)
+    "ref": "",  # reference statistics (`scm-jax fid-stats`), required when on
+    "inception": "",  # converted weights; '' = $SCM_JAX_INCEPTION, ~/.cache/scm_jax/...
+    "batch_size": 0,  # samples per call over all devices; 0 = 256 (64 on CPU)
+    "teacher_nfe": 0,  # diffusion runs: Heun NFE (0 = 2 train.teacher_sample_steps - 1)
+    "seed": 0,  # sampling noise (the same at every evaluation)
+}
 REPO_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -216,6 +227,7 @@ def assemble(
     tangent_c: float = 0.1,
     tangent_warmup_steps: int = 10_000,
     train: dict[str, Any] | None = None,
+    evals: dict[str, Any] | None = None,
 ) -> ml_collections.ConfigDict:
     """Build a locked config with the layout every dataset shares.
 
@@ -223,7 +235,8 @@ def assemble(
     leaves out), ``objective``, ``model`` (network; ``build_network`` input), ``trigflow``
     (sigma_d, sigma_max, t_mid, proposal P_mean/P_std), ``loss`` (consistency stabilisers),
     ``teacher`` (sCD), ``optim``, ``ema``, ``batch_size``, ``total_kimg``, ``seed``,
-    ``init_from`` and ``train`` (intervals, checkpoints, mesh; :data:`TRAIN_DEFAULTS`).
+    ``init_from``, ``train`` (intervals, checkpoints, mesh; :data:`TRAIN_DEFAULTS`) and
+    ``evals`` (periodic FID; :data:`EVAL_DEFAULTS`).
     ``model.sigma_d`` and ``trigflow.sigma_d`` are one shared field: overriding either changes both.
     """
     check_choice("objective", objective, OBJECTIVES)
@@ -231,6 +244,9 @@ def assemble(
     unknown = sorted(set(train or {}) - set(TRAIN_DEFAULTS))
     if unknown:
         raise ValueError(f"unknown train option(s) {unknown}; known: {sorted(TRAIN_DEFAULTS)}")
+    unknown = sorted(set(evals or {}) - set(EVAL_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown evals option(s) {unknown}; known: {sorted(EVAL_DEFAULTS)}")
     cfg = ml_collections.ConfigDict()
     cfg.dataset = {**DATASET_DEFAULTS, **dataset}
     cfg.objective = objective
@@ -256,6 +272,7 @@ def assemble(
     cfg.seed = 0  # parameters, noise, times and data order all derive from it
     cfg.init_from = ""  # a training workdir (or checkpoint folder) whose EMA weights start this run
     cfg.train = {**TRAIN_DEFAULTS, **(train or {})}
+    cfg.evals = {**EVAL_DEFAULTS, **(evals or {})}
     cfg.lock()
     return cfg
 

@@ -124,6 +124,67 @@ class Sampler:
             self._cache[key] = fn
         return self._cache[key]
 
+    def nfe(self, steps: int) -> int:
+        """Network evaluations per sample of ``steps``: ``steps`` for consistency sampling,
+        ``2 steps - 1`` for the EDM Heun sampler of a diffusion run (twice that with CFG)."""
+        return sampling.ode_nfe(steps) if self.objective == "diffusion" else int(steps)
+
+    def batch_fn(self, steps: int, batch: int, sharding: Any = None):
+        """The jitted ``fn(params, key, labels, guidance) -> (batch, *shape)`` float32 samples
+        (not clipped) behind :meth:`sample_batch`; inputs come from :meth:`batch_inputs`.
+
+        Args:
+          steps: network evaluations (consistency) or Heun steps (diffusion).
+          batch: samples per call (static).
+          sharding: the samples' sharding (e.g. ``scm_jax.sharding.batch_sharding(mesh)``; the
+            parameters must then live on the same devices); None: as XLA places them.
+        """
+        key = ("sample", steps, batch, sharding)
+        if key not in self._cache:
+            fn = self._fn(steps, batch)
+            self._cache[key] = fn if sharding is None else jax.jit(fn, out_shardings=sharding)
+        return self._cache[key]
+
+    def batch_inputs(
+        self, labels: Any, batch: int, guidance: float | None = None
+    ) -> tuple[Array | None, Array | None]:
+        """``(labels, guidance)`` arrays for :meth:`batch_fn`: int32 ``(batch,)`` labels (default
+        ``i % num_classes``; None if unconditional) and float32 ``(batch,)`` guidance: the
+        student's guidance input (default the middle of its training range), or a diffusion
+        run's CFG scale (None: no guidance).
+
+        Raises:
+          ValueError: bad labels, or guidance for a model that has no guidance input (or CFG
+            guidance for an unconditional diffusion model).
+        """
+        y = self._labels(labels, batch)
+        if self.objective != "diffusion":
+            return y, self._guidance(guidance, batch)
+        if guidance is None:
+            return y, None
+        if y is None:
+            raise ValueError("classifier-free guidance needs a class-conditional model")
+        return y, jnp.full((batch,), float(guidance), jnp.float32)
+
+    def sample_batch(
+        self, key: Array, batch: int, steps: int = 2, labels: Any = None,
+        guidance: float | None = None, sharding: Any = None,
+    ) -> Array:  # fmt: skip
+        """One batch of samples on the device(s), without a host round-trip.
+
+        Args:
+          key: a PRNG key.
+          batch: number of samples.
+          steps, labels, guidance: as :meth:`sample`.
+          sharding: as :meth:`batch_fn` (labels and guidance are placed with it too).
+        Returns:
+          jax.Array float32 ``(batch, *shape)``, not clipped (:meth:`sample` clips images).
+        """
+        y, g = self.batch_inputs(labels, batch, guidance)
+        if sharding is not None:
+            y, g = jax.device_put((y, g), sharding)
+        return self.batch_fn(steps, batch, sharding)(self.params, key, y, g)
+
     def sample(
         self, rng: int | Array, num: int, steps: int = 2, labels: Any = None,
         guidance: float | None = None,
@@ -147,14 +208,7 @@ class Sampler:
         for i, start in enumerate(range(0, num, b)):
             n = min(b, num - start)
             yi = None if y is None else jnp.pad(y[start : start + n], (0, b - n))
-            k = jax.random.fold_in(key, i)
-            if self.objective == "diffusion":
-                s = None if guidance is None else jnp.full((b,), float(guidance))
-                if s is not None and yi is None:
-                    raise ValueError("classifier-free guidance needs a class-conditional model")
-                x = self._fn(steps, b)(self.params, k, yi, s)
-            else:
-                x = self._fn(steps, b)(self.params, k, yi, self._guidance(guidance, b))
+            x = self.sample_batch(jax.random.fold_in(key, i), b, steps, yi, guidance)
             outs.append(np.asarray(x[:n], np.float32))
         out = np.concatenate(outs)
         return np.clip(out, -1.0, 1.0) if len(self.shape) == 3 else out
@@ -162,7 +216,7 @@ class Sampler:
 
 def load_sampler(
     path: str | Path, *, ema: str | None = None, step: int | None = None,
-    batch_size: int = 256,
+    batch_size: int = 256, mesh: Any = None,
 ) -> Sampler:  # fmt: skip
     """A :class:`Sampler` with the EMA weights of a training run.
 
@@ -171,6 +225,9 @@ def load_sampler(
       ema: which EMA (``'halflife'``, ``'power_0.050'``, ...; default the run's first).
       step: which checkpoint (default the latest).
       batch_size: largest batch per network call.
+      mesh: place the parameters on this ``jax.sharding.Mesh`` (FSDP rule; replicated when its
+        ``fsdp`` axis is 1), e.g. for :meth:`Sampler.sample_batch` with a batch sharding;
+        None: the first device.
     Raises:
       FileNotFoundError: not a training run's folder; ValueError: no such EMA;
       scm_jax.train.checkpoint.CheckpointError: no readable checkpoint.
@@ -178,7 +235,7 @@ def load_sampler(
     from scm_jax.networks import build_network
     from scm_jax.train.teacher import load_ema_params
 
-    params, cfg, _ = load_ema_params(path, None, None, ema=ema, what="run", step=step)
+    params, cfg, _ = load_ema_params(path, None, mesh, ema=ema, what="run", step=step)
     nd = build_network(cfg["model"])
     teacher = cfg.get("teacher", {})
     guidance = None

@@ -78,15 +78,8 @@ def resolve_layout(
     return [rows[i][1] for i in order], labels[order], classes
 
 
-def decode_image(data: bytes, shape: tuple[int, ...], name: str) -> np.ndarray:
-    """Decode one PNG/JPEG to uint8 ``shape`` ``(H, W, C)``; C is 1 (L), 2 (LA), 3 or 4.
-
-    Palette images become RGB (RGBA with transparency), CMYK/YCbCr become RGB.
-
-    Raises:
-      ValueError: undecodable data, an unsupported mode, or a shape other than ``shape``
-        (the message names the file ``name``).
-    """
+def _decode(data: bytes, name: str) -> tuple[np.ndarray, str]:
+    """Decode one PNG/JPEG to uint8 ``(H, W, C)`` and its original Pillow mode."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -101,14 +94,63 @@ def decode_image(data: bytes, shape: tuple[int, ...], name: str) -> np.ndarray:
             arr = np.asarray(img, np.uint8)
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"{name}: cannot decode image ({e})") from None
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
+    return (arr[:, :, None] if arr.ndim == 2 else arr), mode
+
+
+def decode_image(data: bytes, shape: tuple[int, ...], name: str) -> np.ndarray:
+    """Decode one PNG/JPEG to uint8 ``shape`` ``(H, W, C)``; C is 1 (L), 2 (LA), 3 or 4.
+
+    Palette images become RGB (RGBA with transparency), CMYK/YCbCr become RGB.
+
+    Raises:
+      ValueError: undecodable data, an unsupported mode, or a shape other than ``shape``
+        (the message names the file ``name``).
+    """
+    arr, mode = _decode(data, name)
     if arr.shape != tuple(shape):
         raise ValueError(
             f"{name}: image of shape {arr.shape} (H, W, C; mode {mode}) but dataset.shape is "
             f"{tuple(shape)}; resize the images or set --config.dataset.shape"
         )
     return arr
+
+
+def probe_image_folder(path: str | Path) -> tuple[list[str], tuple[int, ...]]:
+    """List a folder's or archive's images and decode the first to learn the image shape.
+
+    Args:
+      path: folder, or ``.tar`` / ``.tar.gz`` / ``.tgz`` archive.
+    Returns:
+      ``(names, shape)``: sorted ``/``-separated image paths relative to the root, and the
+      ``(H, W, C)`` of the first image in storage order (as :func:`decode_image` gives it).
+    Raises:
+      FileNotFoundError: ``path`` does not exist.
+      ValueError: a file that is not an archive, an unreadable archive, no images, or a first
+        image that cannot be decoded.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"image folder or archive {str(path)!r} does not exist")
+    if path.is_dir():
+        names = _list_folder(path)
+        first = (names[0], (path / names[0]).read_bytes()) if names else None
+    elif not is_archive(path):
+        raise ValueError(f"{path} is a file but not a {'/'.join(ARCHIVE_SUFFIXES)} archive")
+    else:
+        try:
+            with tarfile.open(path, "r:*") as tar:
+                members = [
+                    m for m in tar.getmembers()
+                    if m.isfile() and _is_image_name(m.name.removeprefix("./"))
+                ]  # fmt: skip
+                fobj = tar.extractfile(members[0]) if members else None
+                first = (members[0].name, fobj.read()) if fobj is not None else None
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise ValueError(f"{path} is not a readable tar archive ({e})") from None
+        names = sorted(m.name.removeprefix("./") for m in members)
+    if first is None:
+        raise ValueError(f"{path} holds no {'/'.join(IMAGE_SUFFIXES)} images")
+    return names, _decode(first[1], f"{path}:{first[0]}")[0].shape
 
 
 def _decode_all(

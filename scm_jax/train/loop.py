@@ -33,6 +33,7 @@ from scm_jax.sampler import Sampler
 from scm_jax.sharding import batch_sharding, make_mesh
 from scm_jax.train import metrics as metrics_lib
 from scm_jax.train.checkpoint import Checkpointer
+from scm_jax.train.evals import PeriodicEval
 from scm_jax.train.previews import write_previews
 from scm_jax.train.progress import Progress
 from scm_jax.train.state import abstract_state, create_sharded_state, init_state, with_shardings
@@ -110,7 +111,7 @@ def train(
       log: where progress lines go.
     Returns:
       ``{'step', 'nimg', 'seconds', 'interrupted' (signal number or None), 'samples' (paths),
-      'metrics' (the last logged scalars)}``.
+      'metrics' (the last logged scalars), 'evals' ({step: periodic FID scalars})}``.
     Raises:
       ValueError / FileNotFoundError / CheckpointError with one clear message for a bad config,
       missing data or teacher, or a workdir holding another run; nothing is overwritten then.
@@ -127,6 +128,7 @@ def train(
             f"batch_size {config.batch_size} is not divisible by the {mesh.size} devices of the "
             f"mesh; choose a multiple of {mesh.size}"
         )
+    periodic = PeriodicEval.create(config, mesh, nd.sample_shape, workdir, log)  # checks first
     source = load_dataset(config.dataset, sigma_d=sigma_d, seed=config.seed)
     if tuple(source.shape) != nd.sample_shape:
         raise ValueError(
@@ -193,6 +195,7 @@ def train(
     log_every = every_steps(config.train.log_every_kimg, config.batch_size)
     ckpt_every = every_steps(config.train.ckpt_every_kimg, config.batch_size)
     sample_every = every_steps(config.train.sample_every_kimg, config.batch_size)
+    eval_every = every_steps(config.evals.every_kimg, config.batch_size)
     ema_names = list(state.emas)
     sampler = Sampler(
         nd, None, sigma_d=sigma_d, sigma_max=config.trigflow.sigma_max,
@@ -207,6 +210,20 @@ def train(
             num=config.train.sample_grid, ode_steps=config.train.teacher_sample_steps,
             seed=config.seed, is_main_process=is_main,
         )  # fmt: skip
+
+    teacher_sampler = None
+    if periodic is not None and teacher is not None and teacher.nd is not None:
+        teacher_sampler = Sampler(
+            teacher.nd, teacher.params, sigma_d=sigma_d, sigma_max=config.trigflow.sigma_max,
+            objective="diffusion",
+        )  # fmt: skip
+    evals: dict[int, dict[str, float]] = {}
+
+    def evaluate(st) -> None:
+        params = st.emas[ema_names[0]] if ema_names else st.params["net"]
+        evals[int(st.step)] = periodic(sampler.with_params(params), int(st.step), writers,
+                                       teacher_sampler, is_main_process=is_main)  # fmt: skip
+        progress.restart_timer(int(st.step))  # the evaluation is not training time
 
     def meta(st) -> dict[str, Any]:
         s = int(st.step)
@@ -252,6 +269,8 @@ def train(
                 acc, logged_at = empty, s
             if sample_every and s % sample_every == 0 and s < total_steps:
                 samples += previews(state)
+            if eval_every and s % eval_every == 0 and s < total_steps:
+                evaluate(state)
             if ckpt_every and s % ckpt_every == 0 and s < total_steps:
                 ckpt.save(state, meta(state))
                 saved_at = s
@@ -262,6 +281,8 @@ def train(
         ckpt.save(state, meta(state))
     if stop.signum is None or final == total_steps:
         samples += previews(state)
+        if periodic is not None and final not in evals:
+            evaluate(state)
     ckpt.close()
     writers.close()
     interrupted = stop.signum if final < total_steps else None
@@ -272,7 +293,8 @@ def train(
         log(f"done: {final} steps in {time.time() - t_start:.1f} s; checkpoints in "
             f"{ckpt.directory}")  # fmt: skip
     return {"step": final, "nimg": final * config.batch_size, "seconds": time.time() - t_start,
-            "interrupted": interrupted, "samples": samples, "metrics": last}  # fmt: skip
+            "interrupted": interrupted, "samples": samples, "metrics": last,
+            "evals": evals}  # fmt: skip
 
 
 def _accumulate(acc: metrics_lib.TrainMetrics, values: dict[str, Any]) -> Any:
