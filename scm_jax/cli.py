@@ -3,7 +3,8 @@
   scm-jax train  --config configs/mnist.py --workdir runs/mnist [--config.total_kimg=100 ...]
   scm-jax sample --workdir runs/mnist --steps 2 --num 64 --out samples.png [--labels 3]
   scm-jax info   --config configs/imagenet512.py:size=xxl,objective=scd [--devices N] [--json]
-                 [--config.model.dropout=0.2 ...]
+                 [--mesh data=8,fsdp=8] [--batch B] [--micro-batches K] [--remat block]
+                 [--compile | --topology v5p-64] [--config.model.dropout=0.2 ...]
   scm-jax config --config configs/mnist.py [--json]
   scm-jax fid-weights --from pt_inception-2015-12-05-6726825d.pth --out weights/
   scm-jax fid-stats --data /data/cifar10/train.tar.gz --out c10_train.npz [--num N]
@@ -92,19 +93,91 @@ def _unknown_field_message(e: Exception, overrides: Sequence[str]) -> str:
     return f"unknown config field {field!r}{hint}; `scm-jax config --config ...` prints every field"
 
 
-def cmd_info(config: ml_collections.ConfigDict, argv: Sequence[str]) -> int:
-    """``scm-jax info``: parameters, FLOPs and state bytes of a config (abstract shapes only)."""
-    parser = argparse.ArgumentParser(prog="scm-jax info", description=cmd_info.__doc__)
-    parser.add_argument("--devices", type=int, default=1, help="shard the state over N devices")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    args = parser.parse_args(argv)
-    from scm_jax.info import format_info, model_info  # imports jax: keep `--help` fast
+def parse_mesh(text: str | None) -> dict[str, int]:
+    """``'data=8,fsdp=8'`` -> ``{'data': 8, 'fsdp': 8}`` (None -> {})."""
+    out: dict[str, int] = {}
+    for part in filter(None, (text or "").split(",")):
+        axis, _, size = part.partition("=")
+        if not axis.strip() or not size.strip().lstrip("-").isdigit():
+            raise UsageError(f"--mesh {text!r}: expected AXIS=SIZE pairs like data=8,fsdp=8")
+        out[axis.strip()] = int(size)
+    return out
+
+
+def _prepare_jax(topology: str | None, n: int) -> None:
+    """Before jax's backends start: ``--topology`` keeps the host on CPU (libtpu is only asked
+    for the topology's compile-only devices); ``--compile`` on CPU asks XLA:CPU for ``n``
+    simulated devices. Through the environment (JAX_PLATFORMS, XLA_FLAGS'
+    ``--xla_force_host_platform_device_count``) while jax is not imported, else through
+    ``jax.config`` while no backend is initialised (a config file may import jax); after that
+    nothing changes and ``info`` says so if devices are missing."""
+    import os
+
+    flag = "--xla_force_host_platform_device_count="
+    kept, count = [], n
+    for f in os.environ.get("XLA_FLAGS", "").split():
+        if f.startswith(flag) and f[len(flag) :].isdigit():
+            count = max(count, int(f[len(flag) :]))
+        else:
+            kept.append(f)
+    if not topology and n <= 1:
+        return
+    if "jax" not in sys.modules:
+        if topology:
+            os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        else:
+            os.environ["XLA_FLAGS"] = " ".join([*kept, f"{flag}{count}"])
+        return
+    import jax
 
     try:
-        info = model_info(config, devices=args.devices)
+        if topology:
+            jax.config.update("jax_platforms", "cpu")
+        else:
+            jax.config.update("jax_num_cpu_devices", count)
+    except RuntimeError:  # backends already initialised
+        pass
+
+
+def cmd_info(config: ml_collections.ConfigDict, argv: Sequence[str]) -> int:
+    """``scm-jax info``: parameters, FLOPs and memory per device of a config (abstract shapes;
+    ``--compile``: the real train step compiled ahead of time)."""
+    parser = argparse.ArgumentParser(prog="scm-jax info", description=cmd_info.__doc__)
+    parser.add_argument("--devices", type=int, help="devices (default 1; --topology: its own)")
+    parser.add_argument("--mesh", help="mesh axis sizes, e.g. data=8,fsdp=8 (default config.mesh)")
+    parser.add_argument("--batch", type=int, help="global batch (default config.batch_size)")
+    parser.add_argument("--micro-batches", type=int, help="override config.train.micro_batches")
+    parser.add_argument("--remat", choices=("none", "block", "full"), help="override model.remat")
+    parser.add_argument(
+        "--compile", action="store_true",
+        help="compile the train step for the devices (CPU: simulated) and report its memory",
+    )  # fmt: skip
+    parser.add_argument("--topology", help="compile for a TPU topology via libtpu, e.g. v5p-64")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args(argv)
+    mesh = parse_mesh(args.mesh)
+    if args.compile or args.topology:
+        _prepare_jax(args.topology, args.devices or 1)
+    from scm_jax import info as info_lib  # imports jax
+    from scm_jax.train.aot import parse_tpu_topology, with_overrides
+
+    try:
+        devices = args.devices
+        if devices is None:
+            devices = parse_tpu_topology(args.topology)["chips"] if args.topology else 1
+        config = with_overrides(
+            config, batch_size=args.batch, micro_batches=args.micro_batches, remat=args.remat
+        )
+        target = None
+        if args.compile or args.topology:  # devices and libtpu checked before the slow parts
+            sizes = info_lib.mesh_axis_sizes(config.mesh, devices, mesh)
+            target = info_lib.compile_target(sizes, args.topology)
+        info = info_lib.model_info(config, devices=devices, mesh=mesh)
+        if target is not None:
+            info["compiled"] = info_lib.compiled_info(config, info["mesh"], target=target)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    print(json.dumps(info, indent=2) if args.json else format_info(info))
+    print(json.dumps(info, indent=2) if args.json else info_lib.format_info(info))
     return 0
 
 
@@ -122,10 +195,12 @@ def cmd_train(config: ml_collections.ConfigDict, argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="scm-jax train", description=cmd_train.__doc__)
     parser.add_argument("--workdir", required=True, help="the run's folder (resumed if it exists)")
     args = parser.parse_args(argv)
-    from scm_jax.train.checkpoint import CheckpointError  # imports jax: keep `--help` fast
+    from scm_jax import distributed  # imports jax: keep `--help` fast
+    from scm_jax.train.checkpoint import CheckpointError
     from scm_jax.train.loop import train
 
     try:
+        distributed.initialize()  # before anything touches a device (multi-process runs)
         result = train(config, args.workdir)
     except (ValueError, FileNotFoundError, CheckpointError, ImportError) as e:
         raise UsageError(str(e)) from None

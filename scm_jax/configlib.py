@@ -43,9 +43,8 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "sample_every_kimg": 1000.0,  # 1- and 2-step sample grids (teachers: the ODE sampler)
     "sample_grid": 64,  # images per grid
     "teacher_sample_steps": 18,  # Heun steps of a teacher's grids (2 x steps - 1 NFE)
-    "mesh_data": -1,  # device mesh ('data', 'fsdp'); -1 fills with the remaining devices
-    "mesh_fsdp": 1,
     "prefetch_batches": 2,  # host batches prepared ahead in a background thread
+    "micro_batches": 1,  # gradient accumulation: the batch as k sequential micro-batches
 }
 # The ``evals`` section: periodic FID during training (docs/evaluation.md); off by default.
 EVAL_DEFAULTS: dict[str, Any] = {
@@ -57,6 +56,30 @@ EVAL_DEFAULTS: dict[str, Any] = {
     "batch_size": 0,  # samples per call over all devices; 0 = 256 (64 on CPU)
     "teacher_nfe": 0,  # diffusion runs: Heun NFE (0 = 2 train.teacher_sample_steps - 1)
     "seed": 0,  # sampling noise (the same at every evaluation)
+}
+# Logical axis -> mesh axes (``scm_jax.sharding``): the first rule for a name whose mesh axes are
+# free, > 1 and divide the dimension wins; unmatched dimensions are replicated, then the FSDP
+# fallback puts a still-unused 'fsdp' on the largest dimension it divides.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("in", "fsdp"),  # a weight's input features (conv / linear C_in)
+    ("out", "tensor"),  # a weight's output features
+    ("vocab", None),  # class-embedding rows (the FSDP fallback may still split them)
+    ("kh", None),
+    ("kw", None),
+    ("height", None),
+    ("width", None),
+    ("channels", "tensor"),  # activations' channels, like the weights that made them
+)
+# The ``mesh`` section: device mesh and sharding rules (``scm_jax.sharding``, docs/scaling.md).
+MESH_DEFAULTS: dict[str, Any] = {
+    "data": -1,  # in-slice (ICI) axis sizes; -1 fills with the remaining devices
+    "fsdp": 1,
+    "tensor": 1,
+    "dcn_data": 1,  # cross-slice (DCN: between hosts / TPU slices) sizes; the mesh axis is
+    "dcn_fsdp": 1,  # ICI x DCN
+    "dcn_tensor": 1,
+    "rules": DEFAULT_RULES,  # (logical name, mesh axes) pairs; first applicable wins
 }
 REPO_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -184,6 +207,7 @@ def unet_model(
         "weight_channels": 128,
         "dtype": "float32",
         "param_dtype": "float32",
+        "remat": "none",  # activation rematerialisation: 'none', 'block' or 'full'
     }
 
 
@@ -228,6 +252,7 @@ def assemble(
     tangent_warmup_steps: int = 10_000,
     train: dict[str, Any] | None = None,
     evals: dict[str, Any] | None = None,
+    mesh: dict[str, Any] | None = None,
 ) -> ml_collections.ConfigDict:
     """Build a locked config with the layout every dataset shares.
 
@@ -235,8 +260,9 @@ def assemble(
     leaves out), ``objective``, ``model`` (network; ``build_network`` input), ``trigflow``
     (sigma_d, sigma_max, t_mid, proposal P_mean/P_std), ``loss`` (consistency stabilisers),
     ``teacher`` (sCD), ``optim``, ``ema``, ``batch_size``, ``total_kimg``, ``seed``,
-    ``init_from``, ``train`` (intervals, checkpoints, mesh; :data:`TRAIN_DEFAULTS`) and
-    ``evals`` (periodic FID; :data:`EVAL_DEFAULTS`).
+    ``init_from``, ``train`` (intervals, checkpoints; :data:`TRAIN_DEFAULTS`), ``mesh``
+    (devices and sharding rules; :data:`MESH_DEFAULTS`) and ``evals`` (periodic FID;
+    :data:`EVAL_DEFAULTS`).
     ``model.sigma_d`` and ``trigflow.sigma_d`` are one shared field: overriding either changes both.
     """
     check_choice("objective", objective, OBJECTIVES)
@@ -247,6 +273,9 @@ def assemble(
     unknown = sorted(set(evals or {}) - set(EVAL_DEFAULTS))
     if unknown:
         raise ValueError(f"unknown evals option(s) {unknown}; known: {sorted(EVAL_DEFAULTS)}")
+    unknown = sorted(set(mesh or {}) - set(MESH_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown mesh option(s) {unknown}; known: {sorted(MESH_DEFAULTS)}")
     cfg = ml_collections.ConfigDict()
     cfg.dataset = {**DATASET_DEFAULTS, **dataset}
     cfg.objective = objective
@@ -273,6 +302,7 @@ def assemble(
     cfg.init_from = ""  # a training workdir (or checkpoint folder) whose EMA weights start this run
     cfg.train = {**TRAIN_DEFAULTS, **(train or {})}
     cfg.evals = {**EVAL_DEFAULTS, **(evals or {})}
+    cfg.mesh = {**MESH_DEFAULTS, **(mesh or {})}
     cfg.lock()
     return cfg
 

@@ -1,4 +1,4 @@
-"""What a config costs before anything runs: parameters, FLOPs per sample, and training-state bytes.
+"""What a config costs before anything runs: parameters, FLOPs per sample, and memory per device.
 
 Everything is computed on abstract shapes (``jax.eval_shape`` / ``jax.make_jaxpr``): no weight is
 materialised, so the 1.5B XXL is inspected on a laptop in seconds. FLOPs follow ``scm_jax.flops``
@@ -8,20 +8,37 @@ materialised, so the 1.5B XXL is inspected on a laptop in seconds. FLOPs follow 
 * sCT:                  + one ``jax.jvp`` of the stop-gradient student           (~5 F)
 * sCD:                  + one teacher forward                                      (~6 F)
 * sCD with CFG teacher: + two teacher forwards (conditional and unconditional)     (~7 F)
+
+Memory. The training state (parameters, optimizer state, EMA trees and sCD's teacher) is the
+real ``TrainState`` of the config, and its bytes per device are exact: each leaf's shard under the
+config's sharding rules (``scm_jax.sharding.tree_specs``) on the mesh, replicated leaves counted
+whole. Activations and other temporaries need the compiled step: :func:`compiled_info`
+(``scm-jax info --compile``, ``scm_jax.train.aot``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+from jax.sharding import Mesh, PartitionSpec
 
+from scm_jax import sharding
 from scm_jax.flops import count_flops
 from scm_jax.networks import NetworkDef, build_network
-from scm_jax.optim import OPTIMIZER_MOMENTS
+from scm_jax.optim import make_optimizer
+from scm_jax.train import aot
+from scm_jax.train.aot import teacher_model_config
+from scm_jax.train.step import check_micro_batches
+
+__all__ = [
+    "compile_target", "compiled_info", "format_bytes", "format_info", "mesh_axis_sizes",
+    "model_info", "network_flops", "per_device_bytes", "stock_edm2_config", "teacher_model_config",
+]  # fmt: skip
 
 
 def _num_params(tree: Any) -> int:
@@ -30,16 +47,6 @@ def _num_params(tree: Any) -> int:
 
 def _num_bytes(tree: Any) -> int:
     return int(sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
-
-
-def teacher_model_config(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """The sCD teacher's network: the student's architecture without the guidance input.
-
-    (Issue 4 loads the real teacher with the config saved in its own run directory.)
-    """
-    cfg = dict(model_cfg)
-    cfg.update(guidance_input=False, dropout=0.0)
-    return cfg
 
 
 def stock_edm2_config(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -85,22 +92,97 @@ def network_flops(
     return {k: traced[k]() for k in kinds}
 
 
-def model_info(config: ml_collections.ConfigDict, devices: int = 1) -> dict[str, Any]:
-    """Parameters, FLOPs and state bytes of the config's model and objective.
+def mesh_axis_sizes(
+    mesh_cfg: Mapping[str, Any], devices: int, overrides: Mapping[str, int] | None = None
+) -> dict[str, int]:
+    """Mesh axis sizes ``{'data', 'fsdp', 'tensor'}`` of a config's ``mesh`` section on
+    ``devices`` devices, without the devices (each axis is its ICI size x its DCN size).
 
     Args:
-      config: a loaded config (``configlib.load_config``).
-      devices: number of devices the state is sharded over (FSDP: every tree split N ways).
-    Returns:
-      A JSON-serialisable dict; keys include ``params``, ``forward_gflops``, ``jvp_gflops``,
-      ``train_step_gflops`` (per sample, by objective), ``state_bytes`` (total) and
-      ``state_bytes_per_device``.
+      mesh_cfg: ``config.mesh`` (``configlib.MESH_DEFAULTS``); its rules are checked too.
+      devices: the device count; fills the one ICI size that is -1.
+      overrides: ICI sizes replacing the config's (``--mesh data=8,fsdp=8``).
+    Raises:
+      ValueError: sizes that do not multiply to ``devices``, an unknown axis or a bad rule.
     """
     if devices < 1:
         raise ValueError(f"--devices must be >= 1, got {devices}")
+    sharding.check_rules(mesh_cfg["rules"])
+    unknown = sorted(set(overrides or {}) - set(sharding.MESH_AXES))
+    if unknown:
+        axes = ", ".join(sharding.MESH_AXES)
+        raise ValueError(f"unknown mesh axes {unknown}; the axes are {axes}")
+    ici = {a: int((overrides or {}).get(a, mesh_cfg[a])) for a in sharding.MESH_AXES}
+    dcn = {a: int(mesh_cfg.get(f"dcn_{a}", 1)) for a in sharding.MESH_AXES}
+    slices = math.prod(dcn.values())
+    if slices < 1 or devices % slices:
+        raise ValueError(f"{devices} devices cannot form {slices} DCN slices ({dcn})")
+    ici = sharding._fill(ici, devices // slices, "ICI")
+    return {a: ici[a] * dcn[a] for a in sharding.MESH_AXES}
+
+
+def _shard_shape(shape: Sequence[int], spec: PartitionSpec, axis_sizes: Mapping[str, int]):
+    out = list(shape)
+    for d, entry in enumerate(spec):
+        axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        out[d] = -(-out[d] // math.prod(axis_sizes.get(a, 1) for a in axes))
+    return out
+
+
+def per_device_bytes(
+    tree: Any, axis_sizes: Mapping[str, int], rules: Sequence[Sequence[Any]],
+    replicated: bool = False,
+) -> int:  # fmt: skip
+    """Bytes one device holds of ``tree`` (arrays / ShapeDtypeStruct leaves) when it is sharded by
+    ``sharding.tree_specs(tree, axis_sizes, rules)``: the sum over leaves of the shard's size x
+    itemsize (a replicated leaf counts whole); ``replicated=True`` counts every leaf whole."""
+    leaves = jax.tree.leaves(tree)
+    if replicated:
+        return _num_bytes(tree)
+    specs = jax.tree.leaves(
+        sharding.tree_specs(tree, axis_sizes, rules), is_leaf=lambda x: isinstance(x, PartitionSpec)
+    )
+    return int(sum(
+        math.prod(_shard_shape(x.shape, s, axis_sizes)) * jnp.dtype(x.dtype).itemsize
+        for x, s in zip(leaves, specs, strict=True)
+    ))  # fmt: skip
+
+
+def model_info(
+    config: ml_collections.ConfigDict, devices: int = 1, *, mesh: Mapping[str, int] | None = None,
+    flops: bool = True,
+) -> dict[str, Any]:  # fmt: skip
+    """Parameters, FLOPs and training-state bytes (total and per device) of a config.
+
+    Args:
+      config: a loaded config (``configlib.load_config``), with ``batch_size``,
+        ``train.micro_batches`` and ``model.remat`` as they should be analysed
+        (``scm_jax.train.aot.with_overrides``).
+      devices: number of devices; fills the -1 of the config's mesh section.
+      mesh: ICI axis sizes overriding the config's (``{'data': 8, 'fsdp': 8}``).
+      flops: trace the networks for FLOPs (False: the ``*_gflops`` keys are absent; faster).
+    Returns:
+      A JSON-serialisable dict; keys include ``params``, ``forward_gflops``, ``jvp_gflops``,
+      ``train_step_gflops`` (per sample, by objective), ``mesh`` (axis sizes), ``state_bytes``
+      and ``state_bytes_breakdown`` (totals), ``state_bytes_per_device`` and
+      ``state_bytes_per_device_breakdown`` (exact, from the sharding rules), ``per_device_batch``
+      and ``per_device_micro_batch``.
+    Raises:
+      ValueError: a mesh that does not fit ``devices``, or a batch that does not split into
+        micro-batches over the batch shards (one clear message).
+    """
+    axis_sizes = mesh_axis_sizes(config.mesh, devices, mesh)
+    rules = config.mesh.rules
+    micro = config.train.get("micro_batches", 1)
+    if isinstance(micro, bool) or not isinstance(micro, int) or micro < 1:
+        raise ValueError(f"train.micro_batches must be an integer >= 1, got {micro!r}")
+    if config.batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {config.batch_size}")
+    batch_axes = next((a for n, a in sharding.check_rules(rules) if n == "batch"), ())
+    shards = math.prod(axis_sizes[a] for a in batch_axes)
+    check_micro_batches(int(config.batch_size), micro, shards)
     student = build_network(config.model)
     p_student = student.abstract_params()
-    flops = network_flops(student, p_student)
     info: dict[str, Any] = {
         "objective": config.objective,
         "arch": config.model.arch,
@@ -117,15 +199,122 @@ def model_info(config: ml_collections.ConfigDict, devices: int = 1) -> dict[str,
 
     # Teacher (sCD): a network of the student's architecture, or an analytic one (toy mixture).
     guided = config.teacher.guidance_max > 1.0
-    teacher_bytes, teacher_fwd = 0, 0  # an analytic teacher (toy mixture) costs no network FLOPs
+    p_teacher, teacher_fwd = None, 0  # an analytic teacher (toy mixture) costs no network FLOPs
     if config.teacher.get("kind", "network") == "network":
         teacher = build_network(teacher_model_config(config.model))
-        p_teacher = teacher.abstract_params()
-        info["params_teacher"] = _num_params(p_teacher["net"])
-        teacher_fwd = network_flops(teacher, p_teacher, ("forward",))["forward"]
-        if config.objective == "scd":
-            teacher_bytes = _num_bytes(p_teacher["net"])
+        p_teacher = teacher.abstract_params()["net"]
+        info["params_teacher"] = _num_params(p_teacher)
+        if flops:
+            teacher_fwd = network_flops(teacher, teacher.abstract_params(), ("forward",))
+            teacher_fwd = teacher_fwd["forward"]
+    info["batch_size"] = int(config.batch_size)
+    if flops:
+        info.update(_flops_info(network_flops(student, p_student), teacher_fwd, guided, config))
 
+    # Training state: the config's real TrainState (parameters, optimiser state, EMAs, step and
+    # key), and the teacher (sCD), each leaf sharded by the rules on this mesh.
+    tx, _ = make_optimizer(**config.optim, batch_size=config.batch_size)
+    state = aot.abstract_train_state(config, student, tx)
+    parts: dict[str, tuple[Any, bool]] = {  # name -> (tree, replicated)
+        "params": (state.params, False),
+        "optimizer": (state.opt_state, False),
+        "ema": (state.emas, False),
+        "teacher": (p_teacher if config.objective == "scd" else None, False),
+        "step_and_key": ((state.step, state.rng), True),  # replicated (train.state)
+    }
+    breakdown = {k: _num_bytes(t) for k, (t, _) in parts.items()}
+    per_device = {k: per_device_bytes(t, axis_sizes, rules, r) for k, (t, r) in parts.items()}
+    info.update(
+        state_bytes=sum(breakdown.values()),
+        state_bytes_breakdown=breakdown,
+        devices=devices,
+        mesh=axis_sizes,
+        state_bytes_per_device=sum(per_device.values()),
+        state_bytes_per_device_breakdown=per_device,
+        batch_shards=shards,
+        per_device_batch=config.batch_size // shards,
+        micro_batches=micro,
+        per_device_micro_batch=config.batch_size // (shards * micro),
+        remat=str(config.model.get("remat", "none")),
+    )
+    return info
+
+
+def compile_target(
+    axis_sizes: Mapping[str, int], topology: str | None = None
+) -> tuple[Mesh, dict[str, Any]]:
+    """The mesh the step is compiled for, checked before anything slow runs.
+
+    Devices: libtpu's compile-only devices of ``topology`` (e.g. ``'v5p-64'``); else the default
+    backend's devices (a GPU / TPU, or simulated CPU devices, whose XLA:CPU buffer assignment
+    approximates an accelerator's).
+
+    Returns:
+      ``(mesh, extra)``; ``extra`` holds ``'topology'`` and ``'hbm_bytes'`` (the chip's memory)
+      for a TPU topology.
+    Raises:
+      ValueError: more devices asked for than the backend has (the message says why), or a
+        topology libtpu cannot compile for.
+    """
+    n = math.prod(axis_sizes.values())
+    extra: dict[str, Any] = {}
+    if topology:
+        chips = aot.parse_tpu_topology(topology)["chips"]  # one device per chip
+        if chips != n:
+            raise ValueError(
+                f"--topology {topology} has {chips} devices but the mesh "
+                f"{_mesh_str(axis_sizes)} has {n}; use --devices {chips}"
+            )
+        devices, desc = aot.tpu_topology_devices(topology)
+        extra = {"topology": desc["topology"], "hbm_bytes": int(desc["hbm_gib"] * 2**30)}
+    else:
+        devices = jax.devices()
+        if len(devices) < n:
+            platform = devices[0].platform
+            why = (
+                "jax was initialised before --devices could set "
+                "--xla_force_host_platform_device_count (set it in XLA_FLAGS)"
+                if platform == "cpu"
+                else "compile for fewer, or for a TPU topology with --topology"
+            )
+            raise ValueError(
+                f"cannot compile for {n} devices: this machine has {len(devices)} {platform} "
+                f"device(s); {why}"
+            )
+        devices = devices[:n]
+    return aot.compile_mesh(axis_sizes, devices), extra
+
+
+def compiled_info(
+    config: ml_collections.ConfigDict, axis_sizes: Mapping[str, int],
+    topology: str | None = None, target: tuple[Mesh, dict[str, Any]] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Compile the real training step ahead of time for a mesh of ``axis_sizes`` and report its
+    memory per device (``scm_jax.train.aot.compile_train_step``).
+
+    Args:
+      config: as for :func:`model_info`.
+      axis_sizes: the mesh (``model_info(...)['mesh']``).
+      topology: a TPU topology to compile for via libtpu (see :func:`compile_target`).
+      target: :func:`compile_target`'s result, if already made.
+    Returns:
+      ``compile_train_step``'s dict (bytes per device), plus ``'topology'`` and ``'hbm_bytes'``
+      for a TPU topology.
+    Raises:
+      ValueError: see :func:`compile_target`; a step the config cannot build.
+    """
+    mesh, extra = target or compile_target(axis_sizes, topology)
+    return {**aot.compile_train_step(config, mesh), **extra}
+
+
+def _mesh_str(axis_sizes: Mapping[str, int]) -> str:
+    return " x ".join(f"{a}={n}" for a, n in axis_sizes.items())
+
+
+def _flops_info(
+    flops: Mapping[str, int], teacher_fwd: int, guided: bool, config: ml_collections.ConfigDict
+) -> dict[str, Any]:
+    """FLOP keys of :func:`model_info` from the student's and teacher's traced FLOPs."""
     F, J, G = flops["forward"], flops["jvp"], flops["fwd_bwd"]
     per_sample = {
         "diffusion": G,
@@ -135,42 +324,16 @@ def model_info(config: ml_collections.ConfigDict, devices: int = 1) -> dict[str,
     }
     selected = {"diffusion": "diffusion", "sct": "sct", "scd": "scd_cfg" if guided else "scd"}
     step_key = selected[config.objective]
-    info.update(
-        forward_gflops=F / 1e9,
-        jvp_gflops=J / 1e9,
-        fwd_bwd_gflops=G / 1e9,
-        teacher_forward_gflops=teacher_fwd / 1e9,
-        jvp_over_forward=J / F if F else float("nan"),
-        train_step_gflops={k: v / 1e9 for k, v in per_sample.items()},
-        train_step_objective=step_key,
-        batch_size=int(config.batch_size),
-        train_step_tflops_per_batch=per_sample[step_key] * config.batch_size / 1e12,
-    )
-
-    # Training state: parameters, optimiser moments, EMA copies, and the teacher (sCD).
-    param_bytes = _num_bytes(p_student)
-    f32_bytes = 4 * info["params"]
-    optim_name = config.optim.name
-    if optim_name not in OPTIMIZER_MOMENTS:
-        raise ValueError(
-            f"unknown optimizer {optim_name!r}; expected one of {sorted(OPTIMIZER_MOMENTS)}"
-        )
-    n_ema = len(config.ema.power_std) + (1 if config.ema.halflife_kimg > 0 else 0)
-    breakdown = {
-        "params": param_bytes,
-        "optimizer": OPTIMIZER_MOMENTS[optim_name] * f32_bytes,
-        "ema": n_ema * param_bytes,
-        "teacher": teacher_bytes,
+    return {
+        "forward_gflops": F / 1e9,
+        "jvp_gflops": J / 1e9,
+        "fwd_bwd_gflops": G / 1e9,
+        "teacher_forward_gflops": teacher_fwd / 1e9,
+        "jvp_over_forward": J / F if F else float("nan"),
+        "train_step_gflops": {k: v / 1e9 for k, v in per_sample.items()},
+        "train_step_objective": step_key,
+        "train_step_tflops_per_batch": per_sample[step_key] * config.batch_size / 1e12,
     }
-    total = sum(breakdown.values())
-    info.update(
-        state_bytes=total,
-        state_bytes_breakdown=breakdown,
-        devices=devices,
-        state_bytes_per_device=-(-total // devices),
-        per_device_batch=config.batch_size / devices,
-    )
-    return info
 
 
 def format_bytes(n: float) -> str:
@@ -182,7 +345,7 @@ def format_bytes(n: float) -> str:
 
 
 def format_info(info: Mapping[str, Any]) -> str:
-    """Human-readable multi-line summary of :func:`model_info`'s result."""
+    """Human-readable multi-line summary of :func:`model_info`'s result (and ``'compiled'``)."""
     lines = [
         f"objective {info['objective']}  arch {info['arch']}  size {info['size']}  "
         f"sample {tuple(info['sample_shape'])}",
@@ -197,19 +360,59 @@ def format_info(info: Mapping[str, Any]) -> str:
         )
     if "params_teacher" in info:
         lines.append(f"  teacher         {info['params_teacher'] / 1e6:10.2f} M")
+    total, per_dev = info["state_bytes_breakdown"], info["state_bytes_per_device_breakdown"]
+    if "forward_gflops" in info:
+        lines += [
+            f"forward           {info['forward_gflops']:10.2f} GFLOP / sample (2 x multiply-adds)",
+            f"jvp (primal+tan)  {info['jvp_gflops']:10.2f} GFLOP / sample "
+            f"({info['jvp_over_forward']:.3f} x forward)",
+            "train step / sample: "
+            + ", ".join(f"{k} {v:.1f}" for k, v in info["train_step_gflops"].items())
+            + " GFLOP",
+            f"train step ({info['train_step_objective']}, batch {info['batch_size']}): "
+            f"{info['train_step_tflops_per_batch']:.1f} TFLOP",
+        ]
     lines += [
-        f"forward           {info['forward_gflops']:10.2f} GFLOP / sample (2 x multiply-adds)",
-        f"jvp (primal+tan)  {info['jvp_gflops']:10.2f} GFLOP / sample "
-        f"({info['jvp_over_forward']:.3f} x forward)",
-        "train step / sample: "
-        + ", ".join(f"{k} {v:.1f}" for k, v in info["train_step_gflops"].items())
-        + " GFLOP",
-        f"train step ({info['train_step_objective']}, batch {info['batch_size']}): "
-        f"{info['train_step_tflops_per_batch']:.1f} TFLOP",
-        "state: "
-        + ", ".join(f"{k} {format_bytes(v)}" for k, v in info["state_bytes_breakdown"].items())
-        + f"; total {format_bytes(info['state_bytes'])}, "
-        f"{format_bytes(info['state_bytes_per_device'])} per device on {info['devices']} "
-        f"(per-device batch {info['per_device_batch']:g})",
-    ]
+        f"mesh {_mesh_str(info['mesh'])} ({info['devices']} devices); per-device batch "
+        f"{info['per_device_batch']}"
+        + (f" in {info['micro_batches']} micro-batches of {info['per_device_micro_batch']}"
+           if info["micro_batches"] > 1 else "")
+        + f"; remat {info['remat']}",
+        "state:      "
+        + ", ".join(f"{k} {format_bytes(v)}" for k, v in total.items() if v)
+        + f"; total {format_bytes(info['state_bytes'])}",
+        "per device: "
+        + ", ".join(f"{k} {format_bytes(v)}" for k, v in per_dev.items() if total[k])
+        + f"; total {format_bytes(info['state_bytes_per_device'])} (exact, sharding rules)",
+    ]  # fmt: skip
+    if "compiled" in info:
+        lines += format_compiled(info["compiled"])
     return "\n".join(lines)
+
+
+def format_compiled(c: Mapping[str, Any]) -> list[str]:
+    """Lines describing :func:`compiled_info`'s result."""
+    where = {
+        "cpu": f"XLA:CPU buffer assignment on {c['devices']} simulated CPU devices -- an "
+        "approximation of accelerator memory (GPU fusion and convolution workspaces differ)",
+        "gpu": f"XLA:GPU buffer assignment on {c['devices']} {c['device_kind']}",
+        "tpu": f"XLA:TPU buffer assignment on {c['devices']} {c['device_kind']} devices"
+        + (f" ({c['topology']}, ahead of time via libtpu)" if "topology" in c else ""),
+    }.get(c["platform"], f"{c['platform']} buffer assignment")
+    lines = [
+        f"compiled train step, per device ({where}):",
+        f"  arguments {format_bytes(c['argument_bytes'])}, "
+        f"outputs {format_bytes(c['output_bytes'])}, "
+        f"aliased (donated) {format_bytes(c['alias_bytes'])}, "
+        f"temporaries {format_bytes(c['temp_bytes'])}, "
+        f"generated code {format_bytes(c['generated_code_bytes'])}",
+        f"  total {format_bytes(c['total_bytes'])} (arguments + outputs - aliased + temporaries)"
+        + (
+            f", peak {format_bytes(c['peak_bytes'])}"
+            if c.get("peak_bytes") and c["platform"] != "cpu"
+            else ""
+        )  # XLA:CPU: arguments
+        + (f" of {format_bytes(c['hbm_bytes'])} HBM" if c.get("hbm_bytes") else ""),
+        f"  lowered in {c['lower_seconds']:.1f} s, compiled in {c['compile_seconds']:.1f} s",
+    ]
+    return lines

@@ -23,12 +23,21 @@ def main(argv: Sequence[str]) -> int:
     """Train ``FLAGS.config`` in ``FLAGS.workdir``; returns the exit status."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    from scm_jax import distributed
     from scm_jax.train.loop import train
 
-    def log(line: str) -> None:
-        logging.info("%s", line)
-        print(line, flush=True)
+    def log(line: str) -> None:  # called once the backend is up (after initialize)
+        import jax
 
+        logging.info("%s", line)
+        if jax.process_index() == 0:
+            print(line, flush=True)
+
+    try:  # before anything touches a device (multi-process runs)
+        distributed.initialize(log=log)
+    except distributed.DistributedConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     result = train(FLAGS.config, FLAGS.workdir, log=log)
     return 0 if result["interrupted"] is None else 128 + int(result["interrupted"])
 

@@ -22,12 +22,14 @@ from scm_jax.networks.weighting import AdaptiveWeight
 
 __all__ = [
     "EDM2_CHANNELS",
+    "REMAT_POLICIES",
     "AdaptiveWeight",
     "EDM2UNet",
     "MLPNet",
     "MPConv",
     "NetworkDef",
     "build_network",
+    "check_remat",
     "project_weights",
 ]
 
@@ -35,7 +37,12 @@ ARCHS = {"edm2_unet": EDM2UNet, "mlp": MLPNet}
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16,
            "float64": jnp.float64}  # fmt: skip
 # Keys of the model section that are not constructor arguments of the network.
-_NON_NET_KEYS = ("arch", "size", "weight_channels", "dtype", "param_dtype")
+_NON_NET_KEYS = ("arch", "size", "weight_channels", "dtype", "param_dtype", "remat")
+# Activation rematerialisation (``model.remat``), what the backward pass keeps of a forward:
+# 'none': every activation; 'block' (edm2_unet): each U-Net block's inputs only, the block is
+# recomputed; 'full': only the network's inputs, the whole forward is recomputed (U-Net: with its
+# blocks rematerialised inside, so the recomputation keeps block inputs only).
+REMAT_POLICIES = ("none", "block", "full")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +56,8 @@ class NetworkDef:
       num_classes: K (0: unconditional).
       guidance_input: whether ``net`` takes a guidance scale.
       param_dtype: dtype of stored parameters.
+      remat: one of ``REMAT_POLICIES``; ``'full'`` wraps :meth:`apply_fn` in ``jax.checkpoint``
+        (``'block'`` lives in the module itself).
     """
 
     net: nn.Module
@@ -57,6 +66,7 @@ class NetworkDef:
     num_classes: int
     guidance_input: bool
     param_dtype: Any = jnp.float32
+    remat: str = "none"
 
     def example_inputs(self, batch: int = 1) -> dict[str, jax.ShapeDtypeStruct]:
         """Abstract inputs (x, t, labels, guidance) of a batch, for tracing without data."""
@@ -80,13 +90,22 @@ class NetworkDef:
         """F_theta in the shared ``ApplyFn`` convention (``scm_jax.guidance``).
 
         ``params`` is the network's parameters (``init(...)['net']``); ``key=None`` is evaluation
-        mode, a PRNG key turns on dropout and label dropout with that key.
+        mode, a PRNG key turns on dropout and label dropout with that key. With ``remat='full'``
+        the call is a ``jax.checkpoint``: its gradient recomputes the forward (same dropout key,
+        so the same masks) instead of storing activations; values are unchanged.
         """
-        if key is None:
-            return self.net.apply({"params": params}, x_scaled, t, labels, guidance)
-        return self.net.apply(
-            {"params": params}, x_scaled, t, labels, guidance, train=True, rngs={"dropout": key}
-        )
+
+        def run(params, x_scaled, t, labels, guidance, key):
+            if key is None:
+                return self.net.apply({"params": params}, x_scaled, t, labels, guidance)
+            return self.net.apply(
+                {"params": params}, x_scaled, t, labels, guidance, train=True,
+                rngs={"dropout": key},
+            )  # fmt: skip
+
+        if self.remat == "full":
+            run = jax.checkpoint(run)
+        return run(params, x_scaled, t, labels, guidance, key)
 
     def weight_fn(self, params: Any, t: jax.Array) -> jax.Array:
         """w_phi(t) ``(B,)`` with ``params = init(...)['weight']``."""
@@ -172,7 +191,8 @@ def build_network(model_cfg: Mapping[str, Any]) -> NetworkDef:
     Args:
       model_cfg: mapping with ``arch`` ('edm2_unet' or 'mlp'), the constructor arguments of that
         network, and optionally ``size``, ``weight_channels`` (width of w_phi's features),
-        ``dtype`` (compute) and ``param_dtype`` (storage) as strings.
+        ``dtype`` (compute) and ``param_dtype`` (storage) as strings, and ``remat`` (one of
+        ``REMAT_POLICIES``, default 'none'; 'block' needs 'edm2_unet').
     Returns:
       A :class:`NetworkDef`.
     Raises:
@@ -184,7 +204,12 @@ def build_network(model_cfg: Mapping[str, Any]) -> NetworkDef:
     if arch not in ARCHS:
         raise ValueError(f"unknown model.arch {arch!r}; expected one of {sorted(ARCHS)}")
     cls = ARCHS[arch]
+    remat = check_remat(cfg.get("remat", "none"), arch)
+    if "remat_blocks" in cfg:
+        raise ValueError("set model.remat ('none', 'block' or 'full'), not model.remat_blocks")
     kwargs = {k: v for k, v in cfg.items() if k not in _NON_NET_KEYS}
+    if arch == "edm2_unet" and remat != "none":
+        kwargs["remat_blocks"] = True
     fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
     unknown = sorted(set(kwargs) - fields)
     if unknown:
@@ -210,4 +235,19 @@ def build_network(model_cfg: Mapping[str, Any]) -> NetworkDef:
         shape = (net.img_resolution, net.img_resolution, net.img_channels)
     else:
         shape = (net.data_dim,)
-    return NetworkDef(net, head, shape, net.num_classes, net.guidance_input, param_dtype)
+    return NetworkDef(net, head, shape, net.num_classes, net.guidance_input, param_dtype, remat)
+
+
+def check_remat(remat: Any, arch: str) -> str:
+    """Return ``remat`` if it is a policy ``arch`` supports; else raise one clear ValueError."""
+    if remat not in REMAT_POLICIES:
+        raise ValueError(
+            f"unknown model.remat {remat!r}; choose one of {', '.join(REMAT_POLICIES)} "
+            "(docs/training.md#memory-levers)"
+        )
+    if remat == "block" and arch != "edm2_unet":
+        raise ValueError(
+            f"model.remat='block' rematerialises U-Net blocks and needs model.arch 'edm2_unet', "
+            f"not {arch!r}; use model.remat='full' (whole network) or 'none'"
+        )
+    return remat

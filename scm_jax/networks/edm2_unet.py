@@ -22,6 +22,10 @@ import jax.numpy as jnp
 
 from scm_jax.networks.conditioning import ConditionEmbedding, batch_times, check_conditioning_args
 from scm_jax.networks.layers import Modulation, MPConv, mp_cat, mp_silu, mp_sum, normalize, resample
+from scm_jax.sharding import constrain
+
+# Logical axes of the blocks' outputs, pinned under ``scm_jax.sharding.activation_rules``.
+ACTIVATION_AXES = ("batch", "height", "width", "channels")
 
 Array = jax.Array
 Dtype = Any
@@ -76,7 +80,7 @@ class Block(nn.Module):
             x = mp_sum(x, self._attention(x, kw), t=self.attn_balance)
         if self.clip_act is not None:
             x = jnp.clip(x, -self.clip_act, self.clip_act)
-        return x
+        return constrain(x, ACTIVATION_AXES) if x.ndim == 4 else x
 
     def _attention(self, x: Array, kw: dict) -> Array:
         """Multi-head self-attention over the H*W positions with pixel-normalised q, k, v."""
@@ -91,6 +95,12 @@ class Block(nn.Module):
         weights = jax.nn.softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), -1)
         y = jnp.einsum("bhqk,bkhc->bqhc", weights.astype(v.dtype), v).reshape(b, h, w, c)
         return MPConv(c, (1, 1), name="attn_proj", **kw)(y)
+
+
+# Block whose activations are recomputed in the backward pass: only its inputs (x, emb) are kept;
+# ``train`` (argument 3, counting self) is static. The dropout RNG is lifted, so the recomputed
+# masks equal the forward's. Parameter paths are those of Block.
+RematBlock = nn.remat(Block, static_argnums=(3,))
 
 
 def check_unet_args(
@@ -158,6 +168,9 @@ class EDM2UNet(nn.Module):
       sigma_d: data std (used only by ``c_noise_mode='edm'``).
       res_balance, attn_balance, label_balance, concat_balance, clip_act: EDM2 constants.
       dtype: compute dtype (None: the input's); param_dtype: storage dtype.
+      remat_blocks: rematerialise every :class:`Block` (``flax.linen.remat``): the backward pass
+        keeps only each block's inputs and recomputes its insides (set by ``model.remat``
+        'block' / 'full' through ``build_network``; parameters are the same either way).
     """
 
     img_resolution: int
@@ -184,6 +197,7 @@ class EDM2UNet(nn.Module):
     clip_act: float | None = 256.0
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    remat_blocks: bool = False
 
     def __post_init__(self) -> None:
         check_unet_args(
@@ -237,7 +251,7 @@ class EDM2UNet(nn.Module):
 
         def block(res: int, name: str, c: int, **extra: Any) -> Block:
             p = self.dropout if res <= self.dropout_max_res else 0.0
-            return Block(
+            return (RematBlock if self.remat_blocks else Block)(
                 c, dropout=p, channels_per_head=self.channels_per_head,
                 res_balance=self.res_balance, attn_balance=self.attn_balance,
                 clip_act=self.clip_act, modulation=self.modulation, name=name, **kw, **extra,

@@ -27,10 +27,10 @@ from scm_jax import configlib
 from scm_jax.data.prefetch import Prefetcher
 from scm_jax.data.sources import load_dataset
 from scm_jax.losses import proposal_time_edges
-from scm_jax.networks import build_network
+from scm_jax.networks import build_network, check_remat
 from scm_jax.optim import make_optimizer
 from scm_jax.sampler import Sampler
-from scm_jax.sharding import batch_sharding, make_mesh
+from scm_jax.sharding import activation_rules, batch_sharding, check_batch, mesh_from_config
 from scm_jax.train import metrics as metrics_lib
 from scm_jax.train.checkpoint import Checkpointer
 from scm_jax.train.evals import PeriodicEval
@@ -58,14 +58,45 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"batch_size ({config.batch_size}) and total_kimg ({config.total_kimg}) must be > 0"
         )
+    micro = config.train.micro_batches
+    if isinstance(micro, bool) or not isinstance(micro, int) or micro < 1:
+        raise ValueError(f"train.micro_batches must be an integer >= 1, got {micro!r}")
+    if config.batch_size % micro:
+        raise ValueError(
+            f"batch_size {config.batch_size} is not divisible by train.micro_batches {micro}; "
+            "choose micro_batches that divide the batch (docs/training.md#memory-levers)"
+        )
+    check_remat(config.model.get("remat", "none"), config.model.get("arch"))
+
+
+STOP_SYNC_STEPS = 10  # multi-process runs agree on stopping every this many steps
 
 
 class _StopFlag:
-    """Set by SIGTERM / SIGINT; the loop checkpoints and returns after the current step."""
+    """Set by SIGTERM / SIGINT; the loop checkpoints and returns after the current step.
+
+    With several processes a signal may reach only some of them (a preempted host), and each
+    process's Python loop runs ahead of the devices by a different amount: stopping on the local
+    flag would leave one process saving while another waits in a collective. So multi-process
+    runs stop only at steps that are multiples of :data:`STOP_SYNC_STEPS`, where all processes
+    exchange their flags (a small all-gather) and stop together if any was signalled.
+    """
 
     def __init__(self) -> None:
         self.signum: int | None = None
         self._old: dict[int, Any] = {}
+
+    def should_stop(self, step: int) -> bool:
+        """Whether to stop before ``step`` (the same answer on every process)."""
+        if jax.process_count() == 1:
+            return self.signum is not None
+        if step % STOP_SYNC_STEPS:
+            return False
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.int32(self.signum or 0))
+        self.signum = int(np.max(flags)) or None
+        return self.signum is not None
 
     def __enter__(self) -> _StopFlag:
         if threading.current_thread() is threading.main_thread():
@@ -86,7 +117,9 @@ class _StopFlag:
 def _initial_net(config, mesh, teacher: Teacher | None, log) -> Any:
     """Network parameters a new run starts from: ``init_from``, else the sCD teacher, else None."""
     if config.init_from:
-        net, _, name = load_ema_params(config.init_from, config.model, mesh, what="init_from run")
+        net, _, name = load_ema_params(
+            config.init_from, config.model, mesh, what="init_from run", rules=config.mesh.rules
+        )
         log(f"initialised from {config.init_from} (EMA {name})")
         return net
     if teacher is not None and teacher.nd is not None:
@@ -96,7 +129,8 @@ def _initial_net(config, mesh, teacher: Teacher | None, log) -> Any:
 
 
 def _print(line: str) -> None:
-    print(line, flush=True)  # flushed: logs of batch jobs go to files
+    if jax.process_index() == 0:  # one copy of the progress, not one per process
+        print(line, flush=True)  # flushed: logs of batch jobs go to files
 
 
 def train(
@@ -122,12 +156,9 @@ def train(
     sigma_d = float(config.trigflow.sigma_d)
     is_main = jax.process_index() == 0
     nd = build_network(config.model)
-    mesh = make_mesh(config.train.mesh_data, config.train.mesh_fsdp)
-    if config.batch_size % mesh.size:
-        raise ValueError(
-            f"batch_size {config.batch_size} is not divisible by the {mesh.size} devices of the "
-            f"mesh; choose a multiple of {mesh.size}"
-        )
+    mesh = mesh_from_config(config.mesh)  # checks the rules and the device count
+    rules = config.mesh.rules
+    check_batch(config.batch_size, mesh, config.train.micro_batches)
     periodic = PeriodicEval.create(config, mesh, nd.sample_shape, workdir, log)  # checks first
     source = load_dataset(config.dataset, sigma_d=sigma_d, seed=config.seed)
     if tuple(source.shape) != nd.sample_shape:
@@ -145,7 +176,7 @@ def train(
         is_main_process=is_main,
     )  # fmt: skip
     ema_cfg = {"power_std": tuple(config.ema.power_std), "halflife_kimg": config.ema.halflife_kimg}
-    per_leaf = mesh.shape["fsdp"] > 1
+    per_leaf = mesh.shape["fsdp"] * mesh.shape["tensor"] > 1  # params split: draw per leaf
 
     def make_state(key, init_net):
         return init_state(nd, tx, key, **ema_cfg, init_net=init_net, per_leaf=per_leaf)
@@ -158,14 +189,14 @@ def train(
                 f"{workdir} was trained with batch_size {meta.get('batch_size')}; resume with the "
                 "same batch (the data position depends on it) or start a new --workdir"
             )
-        target, shardings = abstract_state(make_state, mesh, key, None)
+        target, shardings = abstract_state(make_state, mesh, key, None, rules=rules)
         state = ckpt.restore(with_shardings(target, shardings), latest)
         log(f"resumed {workdir} at step {latest} ({latest * config.batch_size / 1000:.1f} kimg)")
         for line in changes:
             log(f"  changed since the checkpoint: {line}")
     else:
         init_net = _initial_net(config, mesh, teacher, log)
-        state, shardings = create_sharded_state(make_state, mesh, key, init_net)
+        state, shardings = create_sharded_state(make_state, mesh, key, init_net, rules=rules)
 
     total_steps = math.ceil(config.total_kimg * 1000 / config.batch_size)
     start = int(state.step)
@@ -185,12 +216,13 @@ def train(
         time_edges=proposal_time_edges(
             config.trigflow.P_mean, config.trigflow.P_std, sigma_d, NUM_TIME_BINS
         ),
+        micro_batches=config.train.micro_batches, batch_sharding=batch_sharding(mesh, rules),
     )  # fmt: skip
     replicated = NamedSharding(mesh, PartitionSpec())
     jit_step = jax.jit(step_fn, donate_argnums=0, out_shardings=(shardings, replicated))
     accumulate = jax.jit(_accumulate)
     teacher_params = None if teacher is None else teacher.params
-    x_sharding = batch_sharding(mesh)
+    x_sharding = batch_sharding(mesh, rules)
 
     log_every = every_steps(config.train.log_every_kimg, config.batch_size)
     ckpt_every = every_steps(config.train.ckpt_every_kimg, config.batch_size)
@@ -235,8 +267,9 @@ def train(
     log(
         f"{config.objective} on {config.dataset.name} ({len(source)} examples): "
         f"{n_params / 1e6:.2f} M parameters, batch {config.batch_size}, "
-        f"{total_steps} steps ({config.total_kimg:g} kimg); mesh data={mesh.shape['data']} "
-        f"x fsdp={mesh.shape['fsdp']} on {jax.devices()[0].platform}; workdir {workdir}"
+        f"{total_steps} steps ({config.total_kimg:g} kimg); mesh "
+        + " x ".join(f"{a}={n}" for a, n in mesh.shape.items())
+        + f" on {jax.devices()[0].platform}; workdir {workdir}"
     )
     if teacher is not None:
         log(f"teacher: {teacher.source}")
@@ -248,14 +281,14 @@ def train(
     acc, logged_at = empty, start
     saved_at = start if latest is not None else -1
     num_classes = nd.num_classes
-    with _StopFlag() as stop, Prefetcher(
+    with _StopFlag() as stop, activation_rules(mesh, rules), Prefetcher(
         source, batch_size=config.batch_size, seed=config.seed, start_step=start,
         flip=config.dataset.flip, process_index=jax.process_index(),
         process_count=jax.process_count(), depth=config.train.prefetch_batches,
         stop_step=total_steps,
     ) as batches:  # fmt: skip
         for step, x, labels in batches:
-            if stop.signum is not None:
+            if stop.should_stop(step):
                 break
             xg = jax.make_array_from_process_local_data(x_sharding, x)
             yg = None

@@ -103,17 +103,21 @@ def merge_params(fresh: Any, loaded: Any) -> tuple[Any, list[str]]:
     return jax.tree_util.tree_map_with_path(pick, fresh), kept
 
 
-def state_shardings(abstract: TrainState, mesh: Mesh) -> TrainState:
-    """FSDP shardings of every leaf (``scm_jax.sharding``); the step and key are replicated."""
-    shard = sharding.state_shardings(abstract, mesh)
+def state_shardings(
+    abstract: TrainState, mesh: Mesh, rules: Sequence[Sequence[Any]] = sharding.DEFAULT_RULES
+) -> TrainState:
+    """Shardings of every leaf by ``rules`` (``scm_jax.sharding``: parameters, optimizer moments
+    and EMAs alike); the step and key are replicated."""
+    shard = sharding.state_shardings(abstract, mesh, rules)
     replicated = NamedSharding(mesh, PartitionSpec())
     return shard.replace(step=replicated, rng=replicated)
 
 
 def create_sharded_state(
-    make_state: Callable[..., TrainState], mesh: Mesh, key: Array, *args: Any
-) -> tuple[TrainState, TrainState]:
-    """Create the state directly in its FSDP sharding, never whole on one device.
+    make_state: Callable[..., TrainState], mesh: Mesh, key: Array, *args: Any,
+    rules: Sequence[Sequence[Any]] = sharding.DEFAULT_RULES,
+) -> tuple[TrainState, TrainState]:  # fmt: skip
+    """Create the state directly in its sharding, never whole on one device.
 
     Args:
       make_state: ``(key, *args) -> TrainState`` (e.g. :func:`init_state` with its options
@@ -121,20 +125,22 @@ def create_sharded_state(
         ``args``, not in a closure: they are jit arguments, not compile-time constants.
       mesh: the device mesh (``scm_jax.sharding.make_mesh``).
       key: typed PRNG key; args: further arguments of ``make_state``.
+      rules: the sharding rules (``config.mesh.rules``).
     Returns:
       ``(state, shardings)``.
     """
     abstract = jax.eval_shape(make_state, key, *args)
-    shardings = state_shardings(abstract, mesh)
+    shardings = state_shardings(abstract, mesh, rules)
     return jax.jit(make_state, out_shardings=shardings)(key, *args), shardings
 
 
 def abstract_state(
-    make_state: Callable[..., TrainState], mesh: Mesh, key: Array, *args: Any
-) -> tuple[TrainState, TrainState]:
+    make_state: Callable[..., TrainState], mesh: Mesh, key: Array, *args: Any,
+    rules: Sequence[Sequence[Any]] = sharding.DEFAULT_RULES,
+) -> tuple[TrainState, TrainState]:  # fmt: skip
     """``(abstract state, shardings)`` of ``make_state(key, *args)``, nothing materialised."""
     abstract = jax.eval_shape(make_state, key, *args)
-    return abstract, state_shardings(abstract, mesh)
+    return abstract, state_shardings(abstract, mesh, rules)
 
 
 def with_shardings(abstract: Any, shardings: Any) -> Any:

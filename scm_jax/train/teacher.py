@@ -9,7 +9,7 @@ shardings. The toy config's teacher is the exact Gaussian-mixture field instead
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 from scm_jax.ema import ema_names
 from scm_jax.guidance import ApplyFn
 from scm_jax.networks import NetworkDef, build_network
-from scm_jax.sharding import state_shardings
+from scm_jax.sharding import DEFAULT_RULES, state_shardings
 from scm_jax.train.checkpoint import Checkpointer
 from scm_jax.train.workdir import check_same_architecture, load_run_config
 
@@ -67,7 +67,7 @@ def ema_name_for(
 def load_ema_params(
     workdir: str | Path, model_cfg: Mapping[str, Any] | None, mesh: Mesh | None, *,
     sigma_rel: float = 0.0, ema: str | None = None, what: str = "checkpoint",
-    step: int | None = None,
+    step: int | None = None, rules: Sequence[Sequence[Any]] = DEFAULT_RULES,
 ) -> tuple[Any, dict[str, Any], str]:  # fmt: skip
     """Load a run's EMA network parameters, sharded over ``mesh``.
 
@@ -75,10 +75,11 @@ def load_ema_params(
       workdir: the other run's folder.
       model_cfg: the ``model`` section the parameters must fit (dropout/guidance may differ);
         None: the run's own network (no check).
-      mesh: where to place them (FSDP-sharded like a student); None: the first device.
+      mesh: where to place them (sharded by ``rules`` like a student); None: the first device.
       sigma_rel: which power EMA (0: the run's first EMA); ema: an EMA by name instead.
       what: a word for error messages ('teacher', 'init_from run').
       step: which checkpoint (default: the latest).
+      rules: the sharding rules (``config.mesh.rules``).
     Returns:
       ``(net params, the run's config dict, EMA name)``.
     Raises:
@@ -96,7 +97,7 @@ def load_ema_params(
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shard = jax.tree.map(lambda _: device, abstract_net)
     else:
-        shard = state_shardings(abstract_net, mesh)
+        shard = state_shardings(abstract_net, mesh, rules)
     target_one = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_net, shard
     )
@@ -135,7 +136,7 @@ def load_teacher(config: Any, mesh: Mesh) -> Teacher:
         )
     params, run_cfg, name = load_ema_params(
         t_cfg.workdir, config.model, mesh, sigma_rel=float(t_cfg.get("ema_std", 0.0) or 0.0),
-        what="teacher",
+        what="teacher", rules=config.mesh.rules,
     )  # fmt: skip
     nd = build_network({**run_cfg["model"], "dropout": 0.0})
     return Teacher(nd.apply_fn, params, nd, f"{t_cfg.workdir} (EMA {name})")

@@ -24,7 +24,10 @@ IDENTITY_FIELDS = ("objective", "model.", "dataset.shape", "dataset.num_classes"
                    "seed", "ema.", "optim.name")  # fmt: skip
 # Model fields that do not change the parameter tree (a teacher or init_from source may differ).
 NON_ARCH_FIELDS = ("dropout", "dropout_max_res", "label_dropout", "guidance_input", "size",
-                   "dtype", "param_dtype")  # fmt: skip
+                   "dtype", "param_dtype", "remat")  # fmt: skip
+# Identity fields that a resume may still change (or an older config.json may lack): memory levers
+# that leave the parameters and the result unchanged.
+RESUMABLE_FIELDS = ("model.remat",)
 
 
 def config_to_dict(config: Mapping[str, Any] | ml_collections.ConfigDict) -> dict[str, Any]:
@@ -52,6 +55,8 @@ def config_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, tup
 
 
 def _is_identity(field: str) -> bool:
+    if field in RESUMABLE_FIELDS:
+        return False
     return any(field == p or (p.endswith(".") and field.startswith(p)) for p in IDENTITY_FIELDS)
 
 
