@@ -170,8 +170,15 @@ def test_local_sh_forwards_ctrl_c_to_every_process():
             "signal.signal(signal.SIGINT, lambda *a: (print('got SIGINT'), sys.exit(130)))\n"
             "print('ready', flush=True)\n"
             "time.sleep(60)\n")  # fmt: skip
-    proc = subprocess.Popen([str(LOCAL_SH), "2", sys.executable, "-c", code], text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    # A shell cannot trap a signal ignored when it started (as SIGINT is for background jobs,
+    # e.g. a CI run under nohup ... &): give the launcher the default disposition, as a terminal
+    # would (a handled signal is reset to the default on exec; an ignored one stays ignored).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen([str(LOCAL_SH), "2", sys.executable, "-c", code], text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    finally:
+        signal.signal(signal.SIGINT, previous)
     ready = [proc.stdout.readline() for _ in range(2)]
     assert sorted(ready) == ["[p0] ready\n", "[p1] ready\n"], ready
     proc.send_signal(signal.SIGINT)
