@@ -7,18 +7,22 @@ teacher) at global batch 2048, and the micro-batch counts that fit 80 GB and 40 
                                              # compile the real train step, record its memory
   python benchmarks/xxl_plan.py merge FILE...  # add `compile --out` records made elsewhere
   python benchmarks/xxl_plan.py plan         # fit the measurements, choose micro-batch counts
+  python benchmarks/xxl_plan.py note KEY TEXT  # record what could not be measured, and why
 
 Everything lands in ``benchmarks/results/xxl_plan.json``: ``state`` (per mesh, exact, from the
 sharding rules), ``compiled`` (one record per compilation: platform, mesh, micro-batch,
-``compiled.memory_analysis()`` per device), ``plan``. The plan's memory model per device is
+``compiled.memory_analysis()`` per device), ``fits``, ``checks``, ``plan``, ``notes``. The plan's
+memory model per device is
 
   total(b) = S + T + A b,
 
 S the exact state per device of the target mesh, b the per-device micro-batch, A (activation
-bytes per sample) and S + T (the intercept) fitted on two compilations of one platform and mesh
-that differ only in b; T (gradients, the gradient accumulator, optimizer temporaries: parameter-
-sized) is scaled by the target's parameter bytes per device over the measured mesh's -- exact
-for the same fsdp size, an extrapolation otherwise (the plan says which).
+bytes per sample) and S + T a least-squares line through compilations of one platform, size and
+mesh that differ only in b (each point's residual is kept). On another mesh T comes from one
+compilation on that mesh (its total minus S and A b) where there is one, else it is scaled by
+the parameter bytes per device (an extrapolation; ``checks`` shows how far off such predictions
+were against the compilations). A fit of a smaller size is carried to XXL (A x the width ratio)
+only where no XXL fit exists.
 """
 
 from __future__ import annotations
@@ -102,11 +106,11 @@ def cmd_compile(args: argparse.Namespace) -> None:
     import jax
 
     from scm_jax.cli import parse_mesh
-    from scm_jax.info import compiled_info, model_info
+    from scm_jax.info import compile_target, compiled_info, model_info
 
     cfg = _config(args.size, args.batch, args.micro_batches, args.remat)
     info = model_info(cfg, args.devices, mesh=parse_mesh(args.mesh), flops=False)
-    compiled = compiled_info(cfg, info["mesh"], topology=args.topology)
+    compiled = compiled_info(cfg, compile_target(info["mesh"], args.topology))
     record = {
         "size": args.size, "batch": args.batch, "mesh": info["mesh"],
         "micro_batches": args.micro_batches, "per_device_micro_batch":
@@ -149,7 +153,7 @@ def _fits(results: dict[str, Any]) -> list[dict[str, Any]]:
         k = _key(r)
         groups.setdefault((k[0], k[1], k[2], k[4], k[6]), []).append(r)
     fits = []
-    for (plat, topo, size, mesh, remat), rs in groups.items():
+    for (_, _, size, mesh, remat), rs in groups.items():
         pts = sorted({r["per_device_micro_batch"]: r for r in rs}.items())
         if len(pts) < 2:
             continue
@@ -163,7 +167,7 @@ def _fits(results: dict[str, Any]) -> list[dict[str, Any]]:
         r0 = pts[0][1]
         residuals = [round(y - intercept - slope * b) for b, y in zip(bs, ys, strict=True)]
         fits.append({
-            "platform": plat + (f" {topo}" if topo else ""), "device_kind":
+            "platform": _platform(r0), "device_kind":
             r0["compiled"]["device_kind"], "size": size, "mesh": dict(mesh), "remat": remat,
             "micro_batches": bs, "total_bytes": ys,
             "residual_bytes": residuals,
@@ -174,19 +178,33 @@ def _fits(results: dict[str, Any]) -> list[dict[str, Any]]:
     return fits
 
 
-def _predict(fit: dict[str, Any], st: dict[str, Any], b: float) -> dict[str, Any]:
+def _platform(r: dict[str, Any]) -> str:
+    c = r["compiled"]
+    return c["platform"] + (f" {c['topology']}" if "topology" in c else "")
+
+
+def _predict(
+    fit: dict[str, Any], st: dict[str, Any], b: float, anchor: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """A fit carried to sCD-XXL on the mesh of ``st`` at per-device micro-batch ``b``.
 
     Activation bytes per sample scale with the width (EDM2 sizes differ only in
-    model_channels: every activation is (samples, H, W, c x mult), attention heads c / 64);
-    the parameter-sized temporaries with the parameter bytes per device.
+    model_channels: every activation is (samples, H, W, c x mult), attention heads c / 64).
+    The fixed temporaries: from ``anchor`` (an XXL compilation on the target mesh itself: its
+    total minus the fit's activations), else scaled with the parameter bytes per device.
     """
     from scm_jax.networks import EDM2_CHANNELS
 
     width = EDM2_CHANNELS["xxl"] / EDM2_CHANNELS[fit["size"]]
-    params = st["state_bytes_per_device_breakdown"]["params"]
-    temps = fit["fixed_temp_bytes"] * params / fit["params_bytes_per_device"]
     act = fit["activation_bytes_per_sample"] * width
+    if anchor is not None:
+        temps = (
+            anchor["compiled"]["total_bytes"] - anchor["state_bytes_per_device"]
+            - act * anchor["per_device_micro_batch"]
+        )  # fmt: skip
+    else:
+        params = st["state_bytes_per_device_breakdown"]["params"]
+        temps = fit["fixed_temp_bytes"] * params / fit["params_bytes_per_device"]
     return {
         "activation_bytes_per_sample": round(act),
         "fixed_bytes": round(st["state_bytes_per_device"] + temps),
@@ -202,12 +220,11 @@ def cmd_plan(args: argparse.Namespace) -> None:
     checks, plan = [], []
     for fit in fits:
         for r in results["compiled"]:  # single XXL compilations: predicted vs compiled
-            c = r["compiled"]
-            if r["size"] != "xxl" or c["platform"] + (f" {c['topology']}" if "topology" in c
-                                                       else "") != fit["platform"]:  # fmt: skip
+            if r["size"] != "xxl" or _platform(r) != fit["platform"]:
                 continue
-            if (fit["size"], fit["mesh"], fit["remat"]) == ("xxl", r["mesh"], r["remat"]):
-                continue  # in the fit itself: its residual says it
+            c = r["compiled"]
+            if r["remat"] != fit["remat"] or (fit["size"], fit["mesh"]) == ("xxl", r["mesh"]):
+                continue  # another policy, or a point of the fit itself (see its residuals)
             params = {"params": r["params_bytes_per_device"]}
             st = {"state_bytes_per_device": r["state_bytes_per_device"],
                   "state_bytes_per_device_breakdown": params}  # fmt: skip
@@ -219,9 +236,17 @@ def cmd_plan(args: argparse.Namespace) -> None:
                 "error": round(pred / c["total_bytes"] - 1, 4),
             })  # fmt: skip
             print("check", json.dumps(checks[-1]))
+        direct = {(f["platform"], f["remat"]) for f in fits if f["size"] == "xxl"}
+        if fit["size"] != "xxl" and (fit["platform"], fit["remat"]) in direct:
+            continue  # plan from the XXL compilations themselves where there are some
         for name, st in results["state"].items():
             per_dev = BATCH // (st["mesh"]["data"] * st["mesh"]["fsdp"])
             ks = [k for k in range(1, per_dev + 1) if per_dev % k == 0]
+            anchor = None  # an XXL compilation on this very mesh (same platform and remat)
+            if st["mesh"] != fit["mesh"]:
+                anchor = next((r for r in results["compiled"] if r["size"] == "xxl"
+                               and r["mesh"] == st["mesh"] and r["remat"] == fit["remat"]
+                               and _platform(r) == fit["platform"]), None)  # fmt: skip
             row = {
                 "mesh": name, "from": f"{fit['platform']} ({fit['device_kind']}) size "
                 f"{fit['size']} mesh {fit['mesh']} remat {fit['remat']}, micro-batches "
@@ -229,21 +254,32 @@ def cmd_plan(args: argparse.Namespace) -> None:
                     *(["activations and temporaries scaled from size " + fit["size"]]
                       if fit["size"] != "xxl" else []),
                     *([f"parameter-sized temporaries scaled from mesh {fit['mesh']}"]
-                      if fit["mesh"] != st["mesh"] else []),
+                      if fit["mesh"] != st["mesh"] and anchor is None else []),
+                    *([f"temporaries from one compilation on this mesh (micro-batch "
+                       f"{anchor['per_device_micro_batch']}), activations from the fit"]
+                      if anchor is not None else []),
                 ],
                 "per_device_batch": per_dev,
                 "state_bytes_per_device": st["state_bytes_per_device"],
-                **{k: v for k, v in _predict(fit, st, 0).items() if k != "total_bytes"},
+                **{k: v for k, v in _predict(fit, st, 0, anchor).items() if k != "total_bytes"},
             }  # fmt: skip
             for label, budget in BUDGETS.items():
-                ok = [k for k in ks if _predict(fit, st, per_dev / k)["total_bytes"] <= budget]
+                fit_k = [_predict(fit, st, per_dev / k, anchor)["total_bytes"] for k in ks]
+                ok = [k for k, m in zip(ks, fit_k, strict=True) if m <= budget]
                 row[f"micro_batches_{label}"] = ok[0] if ok else None
                 row[f"bytes_per_device_{label}"] = (
-                    _predict(fit, st, per_dev / ok[0])["total_bytes"] if ok else None
+                    _predict(fit, st, per_dev / ok[0], anchor)["total_bytes"] if ok else None
                 )
             plan.append(row)
             print("plan", json.dumps(row))
     results.update(fits=fits, checks=checks, plan=plan)
+    _save(results)
+
+
+def cmd_note(args: argparse.Namespace) -> None:
+    """Record what could not be measured (a compilation stopped by a time limit, say)."""
+    results = _load()
+    results.setdefault("notes", {})[args.key] = args.text
     _save(results)
 
 
@@ -263,10 +299,17 @@ def main(argv: list[str] | None = None) -> None:
     m = sub.add_parser("merge")
     m.add_argument("files", nargs="+")
     sub.add_parser("plan")
+    n = sub.add_parser("note")
+    n.add_argument("key")
+    n.add_argument("text")
     args = parser.parse_args(argv)
-    {"state": cmd_state, "compile": cmd_compile, "merge": cmd_merge, "plan": cmd_plan}[args.cmd](
-        args
-    )
+    {
+        "state": cmd_state,
+        "compile": cmd_compile,
+        "merge": cmd_merge,
+        "plan": cmd_plan,
+        "note": cmd_note,
+    }[args.cmd](args)
 
 
 if __name__ == "__main__":

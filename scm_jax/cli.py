@@ -174,7 +174,7 @@ def cmd_info(config: ml_collections.ConfigDict, argv: Sequence[str]) -> int:
             target = info_lib.compile_target(sizes, args.topology)
         info = info_lib.model_info(config, devices=devices, mesh=mesh)
         if target is not None:
-            info["compiled"] = info_lib.compiled_info(config, info["mesh"], target=target)
+            info["compiled"] = info_lib.compiled_info(config, target)
     except ValueError as e:
         raise UsageError(str(e)) from None
     print(json.dumps(info, indent=2) if args.json else info_lib.format_info(info))

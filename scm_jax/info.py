@@ -286,24 +286,12 @@ def compile_target(
 
 
 def compiled_info(
-    config: ml_collections.ConfigDict, axis_sizes: Mapping[str, int],
-    topology: str | None = None, target: tuple[Mesh, dict[str, Any]] | None = None,
-) -> dict[str, Any]:  # fmt: skip
-    """Compile the real training step ahead of time for a mesh of ``axis_sizes`` and report its
-    memory per device (``scm_jax.train.aot.compile_train_step``).
-
-    Args:
-      config: as for :func:`model_info`.
-      axis_sizes: the mesh (``model_info(...)['mesh']``).
-      topology: a TPU topology to compile for via libtpu (see :func:`compile_target`).
-      target: :func:`compile_target`'s result, if already made.
-    Returns:
-      ``compile_train_step``'s dict (bytes per device), plus ``'topology'`` and ``'hbm_bytes'``
-      for a TPU topology.
-    Raises:
-      ValueError: see :func:`compile_target`; a step the config cannot build.
-    """
-    mesh, extra = target or compile_target(axis_sizes, topology)
+    config: ml_collections.ConfigDict, target: tuple[Mesh, dict[str, Any]]
+) -> dict[str, Any]:
+    """Compile the real training step ahead of time for ``target`` (:func:`compile_target`) and
+    report ``scm_jax.train.aot.compile_train_step``'s memory per device, plus ``'topology'`` and
+    ``'hbm_bytes'`` for a TPU topology. ``config`` as for :func:`model_info`."""
+    mesh, extra = target
     return {**aot.compile_train_step(config, mesh), **extra}
 
 
@@ -316,12 +304,8 @@ def _flops_info(
 ) -> dict[str, Any]:
     """FLOP keys of :func:`model_info` from the student's and teacher's traced FLOPs."""
     F, J, G = flops["forward"], flops["jvp"], flops["fwd_bwd"]
-    per_sample = {
-        "diffusion": G,
-        "sct": J + G,
-        "scd": teacher_fwd + J + G,
-        "scd_cfg": 2 * teacher_fwd + J + G,
-    }
+    T = teacher_fwd
+    per_sample = {"diffusion": G, "sct": J + G, "scd": T + J + G, "scd_cfg": 2 * T + J + G}
     selected = {"diffusion": "diffusion", "sct": "sct", "scd": "scd_cfg" if guided else "scd"}
     step_key = selected[config.objective]
     return {
