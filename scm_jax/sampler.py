@@ -218,10 +218,11 @@ def load_sampler(
     path: str | Path, *, ema: str | None = None, step: int | None = None,
     batch_size: int = 256, mesh: Any = None,
 ) -> Sampler:  # fmt: skip
-    """A :class:`Sampler` with the EMA weights of a training run.
+    """A :class:`Sampler` with the EMA weights of a training run or of an export folder.
 
     Args:
-      path: the run's workdir (``scm-jax train --workdir``).
+      path: the run's workdir (``scm-jax train --workdir``), or an export folder
+        (``scm-jax export``, ``scm-jax import-edm2``: ``model.safetensors`` + ``config.json``).
       ema: which EMA (``'halflife'``, ``'power_0.050'``, ...; default the run's first).
       step: which checkpoint (default the latest).
       batch_size: largest batch per network call.
@@ -232,15 +233,13 @@ def load_sampler(
       FileNotFoundError: not a training run's folder; ValueError: no such EMA;
       scm_jax.train.checkpoint.CheckpointError: no readable checkpoint.
     """
+    from scm_jax.export.files import default_guidance
     from scm_jax.networks import build_network
     from scm_jax.train.teacher import load_ema_params
 
     params, cfg, _ = load_ema_params(path, None, mesh, ema=ema, what="run", step=step)
     nd = build_network(cfg["model"])
-    teacher = cfg.get("teacher", {})
-    guidance = None
-    if cfg["model"].get("guidance_input"):
-        guidance = 0.5 * (teacher.get("guidance_min", 1.0) + teacher.get("guidance_max", 1.0))
+    guidance = default_guidance(cfg)
     tf = cfg["trigflow"]
     return Sampler(
         nd, params, sigma_d=tf["sigma_d"], sigma_max=tf["sigma_max"], t_mid=tf["t_mid"],

@@ -11,6 +11,7 @@ export needs neither torch nor jax.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,9 @@ def save_safetensors(path: str | Path, state: Mapping[str, np.ndarray]) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(dict(state), str(tmp), metadata=METADATA)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates it 0600; give it the usual permissions
     tmp.replace(path)
 
 
