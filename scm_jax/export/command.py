@@ -14,6 +14,7 @@ bit-exact after a round trip.
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,10 +28,16 @@ EXPORT_HINT = "pip install 'scm-jax[torch,export]'"
 
 def _check_deps(fmt: str) -> None:
     """Fail before any slow work when the format's packages are missing."""
-    need = {"torch": [("torch", TORCH_HINT)],
-            "onnx": [("torch", EXPORT_HINT), ("onnx", EXPORT_HINT), ("onnxscript", EXPORT_HINT),
-                     ("onnxruntime", EXPORT_HINT)],
-            "stablehlo": [("flatbuffers", "pip install 'scm-jax[export]'")]}.get(fmt, [])  # fmt: skip
+    need = {
+        "torch": [("torch", TORCH_HINT)],
+        "onnx": [
+            ("torch", EXPORT_HINT),
+            ("onnx", EXPORT_HINT),
+            ("onnxscript", EXPORT_HINT),
+            ("onnxruntime", EXPORT_HINT),
+        ],
+        "stablehlo": [("flatbuffers", "pip install 'scm-jax[export]'")],
+    }.get(fmt, [])
     import importlib.util
 
     for module, hint in need:
@@ -39,7 +46,8 @@ def _check_deps(fmt: str) -> None:
 
 
 def check_out_dir(out: Path) -> None:
-    """``out`` must be a new or empty folder, or an earlier export (overwritten), and writable.
+    """``out`` must be a new or empty folder, or an earlier export (replaced), and writable.
+    Nothing is created here (the export writes only once its source has loaded).
 
     Raises:
       ValueError: a file, a folder with other content (nothing is overwritten), or not writable.
@@ -49,15 +57,18 @@ def check_out_dir(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} is a file; give a folder for the export")
     if out.is_dir() and any(out.iterdir()) and not is_export(out):
-        raise ValueError(f"--out {str(out)!r} is a folder with other files; use a new folder "
-                         "(an earlier export there would be replaced)")  # fmt: skip
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write_test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise ValueError(f"--out {str(out)!r} is not writable ({e.strerror or e})") from None
+        raise ValueError(
+            f"--out {str(out)!r} is a folder with other files; use a new folder "
+            "(an earlier export there would be replaced)"
+        )
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"--out {str(out)!r} is not writable ({str(parent)!r} is "
+            f"{'not a folder' if not parent.is_dir() else 'read-only'})"
+        )
 
 
 def load_source(path: str | Path, *, ema: str | None, step: int | None) -> tuple[Any, dict]:
@@ -104,9 +115,12 @@ def torch_parity(out: Path, params: Any, cfg: dict, batch: int = 2) -> float:
     F_jax = np.asarray(nd.apply_fn(params, x, t, y, g))
     perm = (0, 3, 1, 2) if x.ndim == 4 else (0, 1)
     with torch.no_grad():
-        F_t = net(torch.from_numpy(x.transpose(perm)), torch.from_numpy(t),
-                  None if y is None else torch.from_numpy(y.astype(np.int64)),
-                  None if g is None else torch.from_numpy(g)).numpy()  # fmt: skip
+        F_t = net(
+            torch.from_numpy(x.transpose(perm)),
+            torch.from_numpy(t),
+            None if y is None else torch.from_numpy(y.astype(np.int64)),
+            None if g is None else torch.from_numpy(g),
+        ).numpy()
     inv = (0, 2, 3, 1) if x.ndim == 4 else (0, 1)
     return float(np.abs(F_t.transpose(inv) - F_jax).max())
 
@@ -124,19 +138,25 @@ def write_stablehlo(out: Path, params: Any, cfg: dict) -> list[str]:
     jobs = [("network.stablehlo", stablehlo.export_network(nd, state))]
     if cfg["objective"] != "diffusion":
         for n in (1, 2):
-            exp = stablehlo.export_sampler(nd, state, n, sigma_d=cfg["sigma_d"],
-                                           t_max=cfg["t_max"], t_mid=cfg["t_mid"])  # fmt: skip
+            exp = stablehlo.export_sampler(
+                nd, state, n, sigma_d=cfg["sigma_d"], t_max=cfg["t_max"], t_mid=cfg["t_mid"]
+            )
             jobs.append((f"sample_{n}step.stablehlo", exp))
     rng = np.random.default_rng(0)
     for fname, exp in jobs:
         data = stablehlo.serialize(exp)
         (out / fname).write_bytes(data)
         back = stablehlo.deserialize((out / fname).read_bytes())
-        args = [np.asarray(rng.standard_normal(tuple(2 if not isinstance(d, int) else d
-                                                     for d in a.shape)), a.dtype)
-                for a in exp.in_avals[len(state):]]  # fmt: skip
-        args = [jnp.asarray(a) if a.dtype != np.int32 else jnp.zeros(a.shape, jnp.int32)
-                for a in args]  # fmt: skip
+        args = [
+            np.asarray(
+                rng.standard_normal(tuple(2 if not isinstance(d, int) else d for d in a.shape)),
+                a.dtype,
+            )
+            for a in exp.in_avals[len(state) :]
+        ]
+        args = [
+            jnp.asarray(a) if a.dtype != np.int32 else jnp.zeros(a.shape, jnp.int32) for a in args
+        ]
         a, b = np.asarray(back.call(state, *args)), np.asarray(exp.call(state, *args))
         if a.tobytes() != b.tobytes():
             raise ValueError(f"{fname}: the deserialized function differs from the exported one")
@@ -180,9 +200,15 @@ def export_main(argv: Sequence[str]) -> int:
 
 def import_edm2_main(argv: Sequence[str]) -> int:
     """``scm-jax import-edm2``: EDM2 weights (a state dict) as an sCD teacher export folder."""
-    parser = argparse.ArgumentParser(prog="scm-jax import-edm2", description=import_edm2_main.__doc__)
-    parser.add_argument("--from", dest="src", required=True,
-                        help="EDM2 Precond/UNet state dict: FILE.safetensors or FILE.pt")  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="scm-jax import-edm2", description=import_edm2_main.__doc__
+    )
+    parser.add_argument(
+        "--from",
+        dest="src",
+        required=True,
+        help="EDM2 Precond/UNet state dict: FILE.safetensors or FILE.pt",
+    )
     parser.add_argument("--out", required=True, help="the export folder to write")
     parser.add_argument("--sigma-data", type=float, default=0.5, help="EDM2's sigma_data")
     parser.add_argument("--channels-per-head", type=int, default=64, help="EDM2's head width")
@@ -191,14 +217,15 @@ def import_edm2_main(argv: Sequence[str]) -> int:
 
     out = Path(args.out)
     check_out_dir(out)
-    cfg = import_edm2(args.src, out, sigma_d=args.sigma_data,
-                      channels_per_head=args.channels_per_head)  # fmt: skip
+    cfg = import_edm2(
+        args.src, out, sigma_d=args.sigma_data, channels_per_head=args.channels_per_head
+    )
     m = cfg["model"]
-    print(f"wrote {out} (EDM2 U-Net {m['img_resolution']}x{m['img_resolution']}x"
-          f"{m['img_channels']}, model_channels {m['model_channels']}, channel_mult "
-          f"{tuple(m['channel_mult'])}, {m['num_classes']} classes); use it as "
-          f"--config.teacher.workdir={out} with --config.model.time_embedding=edm2_fourier "
-          "--config.model.c_noise_mode=edm --config.model.modulation=mul")
+    print(
+        f"wrote {out} (EDM2 U-Net {m['img_resolution']}x{m['img_resolution']}x"
+        f"{m['img_channels']}, model_channels {m['model_channels']}, channel_mult "
+        f"{tuple(m['channel_mult'])}, {m['num_classes']} classes); use it as "
+        f"--config.teacher.workdir={out} with --config.model.time_embedding=edm2_fourier "
+        "--config.model.c_noise_mode=edm --config.model.modulation=mul"
+    )
     return 0
-
-

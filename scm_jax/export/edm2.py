@@ -70,8 +70,9 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise ValueError(f"{path.name} is not a plain state dict of tensors ({first[:200]}); "
-                             f"{PKL_HINT}") from None  # fmt: skip
+            raise ValueError(
+                f"{path.name} is not a plain state dict of tensors ({first[:200]}); {PKL_HINT}"
+            ) from None
         for key in ("ema", "net", "state_dict"):  # a dict that wraps the state dict
             if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
                 obj = obj[key]
@@ -79,8 +80,9 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
             raise ValueError(f"{path.name} holds no state dict of tensors; {PKL_HINT}")
         state = {k: v.detach().to(torch.float32).numpy() for k, v in obj.items()}
     else:
-        raise ValueError(f"{path.name}: expected a .safetensors or .pt/.pth state dict "
-                         f"(or see: {PKL_HINT})")  # fmt: skip
+        raise ValueError(
+            f"{path.name}: expected a .safetensors or .pt/.pth state dict (or see: {PKL_HINT})"
+        )
     return {k: np.asarray(v, np.float32) for k, v in state.items()}
 
 
@@ -96,19 +98,31 @@ def infer_model(
 
     convs = [(m, k) for k in unet if (m := _ENC_CONV.match(k))]
     if len(convs) != 1:
-        raise ValueError("not an EDM2 UNet state dict: expected one tensor "
-                         "'unet.enc.<R>x<R>_conv.weight'")  # fmt: skip
-    (match, key), = convs
+        raise ValueError(
+            "not an EDM2 UNet state dict: expected one tensor 'unet.enc.<R>x<R>_conv.weight'"
+        )
+    ((match, key),) = convs
     resolution = int(match.group(1))
     c0, c_in = unet[key].shape[:2]
-    res_levels = sorted({int(m.group(1)) for k in unet
-                         if (m := re.match(r"^enc\.(\d+)x\d+_block0\.", k))}, reverse=True)  # fmt: skip
+    res_levels = sorted(
+        {int(m.group(1)) for k in unet if (m := re.match(r"^enc\.(\d+)x\d+_block0\.", k))},
+        reverse=True,
+    )
     widths = [int(unet[f"enc.{r}x{r}_block0.conv_res1.weight"].shape[0]) for r in res_levels]
     if not widths or res_levels != [resolution >> i for i in range(len(widths))]:
         raise ValueError(f"EDM2 state dict with unexpected levels {res_levels}")
     model_channels = math.gcd(*widths)
-    num_blocks = len([k for k in unet if re.match(rf"^enc\.{resolution}x{resolution}_block\d+\."
-                                                   r"conv_res1\.weight$", k)])  # fmt: skip
+    num_blocks = len(
+        [
+            k
+            for k in unet
+            if re.match(
+                rf"^enc\.{resolution}x{resolution}_block\d+\."
+                r"conv_res1\.weight$",
+                k,
+            )
+        ]
+    )
     attn = tuple(r for r in res_levels if f"enc.{r}x{r}_block0.attn_qkv.weight" in unet)
     num_classes = int(unet["emb_label.weight"].shape[1]) if "emb_label.weight" in unet else 0
     emb = unet.get("emb_noise.weight")
@@ -121,14 +135,20 @@ def infer_model(
     if "emb_fourier.freqs" not in unet:
         raise ValueError("EDM2 state dict without emb_fourier.freqs/phases (the Fourier buffers)")
     model = unet_model(
-        resolution=resolution, channels=int(c_in) - 1, num_classes=num_classes,
-        model_channels=model_channels, channel_mult=tuple(w // model_channels for w in widths),
-        num_blocks=num_blocks, attn_resolutions=attn, channels_per_head=channels_per_head,
+        resolution=resolution,
+        channels=int(c_in) - 1,
+        num_classes=num_classes,
+        model_channels=model_channels,
+        channel_mult=tuple(w // model_channels for w in widths),
+        num_blocks=num_blocks,
+        attn_resolutions=attn,
+        channels_per_head=channels_per_head,
         size="edm2-import",
-    )  # fmt: skip
+    )
     assert widths[0] == c0
-    model.update(time_embedding="edm2_fourier", c_noise_mode="edm", modulation="mul",
-                 sigma_d=float(sigma_d))  # fmt: skip
+    model.update(
+        time_embedding="edm2_fourier", c_noise_mode="edm", modulation="mul", sigma_d=float(sigma_d)
+    )
     return model
 
 
@@ -151,9 +171,13 @@ def edm2_names(unet: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def import_edm2(
-    src: str | Path, out: str | Path, *, sigma_d: float = 0.5, channels_per_head: int = 64,
+    src: str | Path,
+    out: str | Path,
+    *,
+    sigma_d: float = 0.5,
+    channels_per_head: int = 64,
     sigma_max: float = 80.0,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """Convert an EDM2 state dict file into an export folder usable as an sCD teacher.
 
     Args:
@@ -175,8 +199,13 @@ def import_edm2(
     model = infer_model(unet, sigma_d=sigma_d, channels_per_head=channels_per_head)
     abstract = build_network(model).abstract_params()["net"]
     params = from_state_dict(edm2_names(unet), abstract, where=f"EDM2 weights {Path(src).name}")
-    run_cfg = {"model": model, "objective": "diffusion",
-               "trigflow": {"sigma_d": float(sigma_d), "sigma_max": float(sigma_max), "t_mid": 1.1}}  # fmt: skip
-    cfg = export_config(run_cfg, ema="edm2", step=None, source=f"EDM2 state dict {Path(src).resolve()}")
+    run_cfg = {
+        "model": model,
+        "objective": "diffusion",
+        "trigflow": {"sigma_d": float(sigma_d), "sigma_max": float(sigma_max), "t_mid": 1.1},
+    }
+    cfg = export_config(
+        run_cfg, ema="edm2", step=None, source=f"EDM2 state dict {Path(src).resolve()}"
+    )
     save_export(out, params, cfg)
     return cfg

@@ -70,8 +70,11 @@ def export_config(
         "t_max": math.atan(sigma_max / sigma_d),
         "t_mid": float(tf["t_mid"]),
         "guidance": default_guidance(run_cfg),
-        "teacher": {k: v for k, v in (run_cfg.get("teacher") or {}).items()
-                    if k in ("guidance_min", "guidance_max")},  # fmt: skip
+        "teacher": {
+            k: v
+            for k, v in (run_cfg.get("teacher") or {}).items()
+            if k in ("guidance_min", "guidance_max")
+        },
         "ema": ema,
         "step": step,
         "source": source,
@@ -111,13 +114,18 @@ def read_export_config(path: str | Path) -> dict[str, Any]:
     try:
         cfg = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{str(cfg_path)!r} is not valid JSON ({e.msg}, line {e.lineno})") from None
+        raise ValueError(
+            f"{str(cfg_path)!r} is not valid JSON ({e.msg}, line {e.lineno})"
+        ) from None
     if not isinstance(cfg, dict) or cfg.get("format") != EXPORT_FORMAT:
-        raise ValueError(f"{str(cfg_path)!r} is not an scm-jax export config (no "
-                         f"\"format\": \"{EXPORT_FORMAT}\")")  # fmt: skip
+        raise ValueError(
+            f'{str(cfg_path)!r} is not an scm-jax export config (no "format": "{EXPORT_FORMAT}")'
+        )
     if cfg.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{str(cfg_path)!r} has format_version {cfg['format_version']}; this "
-                         f"scm-jax reads up to {FORMAT_VERSION}: upgrade scm-jax")  # fmt: skip
+        raise ValueError(
+            f"{str(cfg_path)!r} has format_version {cfg['format_version']}; this "
+            f"scm-jax reads up to {FORMAT_VERSION}: upgrade scm-jax"
+        )
     return cfg
 
 

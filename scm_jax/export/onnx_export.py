@@ -28,8 +28,9 @@ def _require() -> tuple[Any, Any]:
         import onnxruntime
         import torch
     except ImportError as e:
-        raise ImportError(f"the ONNX export needs torch, onnx, onnxscript and onnxruntime: "
-                          f"{INSTALL_HINT} ({e})") from None  # fmt: skip
+        raise ImportError(
+            f"the ONNX export needs torch, onnx, onnxscript and onnxruntime: {INSTALL_HINT} ({e})"
+        ) from None
     return torch, onnxruntime
 
 
@@ -81,13 +82,31 @@ def export_onnx(
             return self.sampler(noise, *_named(names, cond))
 
     rng = np.random.default_rng(0)
-    jobs = [("network.onnx", Network(), ["x_scaled", "t"], ["F"], lambda b: {
-        "x_scaled": rng.standard_normal((b, *shape)).astype(np.float32),
-        "t": (0.1 + 1.4 * rng.random(b)).astype(np.float32)})]  # fmt: skip
+    jobs = [
+        (
+            "network.onnx",
+            Network(),
+            ["x_scaled", "t"],
+            ["F"],
+            lambda b: {
+                "x_scaled": rng.standard_normal((b, *shape)).astype(np.float32),
+                "t": (0.1 + 1.4 * rng.random(b)).astype(np.float32),
+            },
+        )
+    ]
     if net.config["objective"] != "diffusion":
         for n in samplers:
-            jobs.append((f"sample_{n}step.onnx", Sampler(n), ["noise"], ["x0"], lambda b, n=n: {
-                "noise": rng.standard_normal((n, b, *shape)).astype(np.float32)}))  # fmt: skip
+            jobs.append(
+                (
+                    f"sample_{n}step.onnx",
+                    Sampler(n),
+                    ["noise"],
+                    ["x0"],
+                    lambda b, n=n: {
+                        "noise": rng.standard_normal((n, b, *shape)).astype(np.float32)
+                    },
+                )
+            )
     errors = {}
     for fname, module, inputs, outputs, make in jobs:
         module.eval()
@@ -97,10 +116,16 @@ def export_onnx(
         dyn = (*({1 if k == "noise" else 0: batch} for k in main), tuple({0: batch} for _ in names))
         args = tuple(torch.from_numpy(v) for v in example.values())
         torch.onnx.export(
-            module, args, str(out_dir / fname), dynamo=True, opset_version=OPSET,
-            input_names=[*inputs, *names], output_names=outputs, dynamic_shapes=dyn,
+            module,
+            args,
+            str(out_dir / fname),
+            dynamo=True,
+            opset_version=OPSET,
+            input_names=[*inputs, *names],
+            output_names=outputs,
+            dynamic_shapes=dyn,
             verbose=False,
-        )  # fmt: skip
+        )
         check = {**make(3), **_cond_inputs(net, 3, rng)}
         session = ort.InferenceSession(str(out_dir / fname), providers=["CPUExecutionProvider"])
         got = session.run(None, check)[0]

@@ -121,20 +121,33 @@ def export_network(
 ) -> jax.export.Exported:
     """``jax.export`` of F_theta with a symbolic batch."""
     (b,) = jax.export.symbolic_shape("b")
-    args = (state_specs(state), jax.ShapeDtypeStruct((b, *nd.sample_shape), jnp.float32),
-            jax.ShapeDtypeStruct((b,), jnp.float32), *_cond_specs(nd, b))  # fmt: skip
+    args = (
+        state_specs(state),
+        jax.ShapeDtypeStruct((b, *nd.sample_shape), jnp.float32),
+        jax.ShapeDtypeStruct((b,), jnp.float32),
+        *_cond_specs(nd, b),
+    )
     return jax.export.export(jax.jit(make_network_fn(nd)), platforms=platforms)(*args)
 
 
 def export_sampler(
-    nd: NetworkDef, state: Mapping[str, Any], steps: int, *, sigma_d: float, t_max: float,
-    t_mid: float, platforms: tuple[str, ...] = PLATFORMS,
-) -> jax.export.Exported:  # fmt: skip
+    nd: NetworkDef,
+    state: Mapping[str, Any],
+    steps: int,
+    *,
+    sigma_d: float,
+    t_max: float,
+    t_mid: float,
+    platforms: tuple[str, ...] = PLATFORMS,
+) -> jax.export.Exported:
     """``jax.export`` of the ``steps``-step consistency sampler with a symbolic batch."""
     times = sampling.consistency_times(steps, t_max, t_mid)
     (b,) = jax.export.symbolic_shape("b")
-    args = (state_specs(state), jax.ShapeDtypeStruct((steps, b, *nd.sample_shape), jnp.float32),
-            *_cond_specs(nd, b))  # fmt: skip
+    args = (
+        state_specs(state),
+        jax.ShapeDtypeStruct((steps, b, *nd.sample_shape), jnp.float32),
+        *_cond_specs(nd, b),
+    )
     fn = make_sampler_fn(nd, times, sigma_d)
     return jax.export.export(jax.jit(fn), platforms=platforms)(*args)
 
@@ -154,6 +167,8 @@ def deserialize(data: bytes) -> jax.export.Exported:
     try:
         return jax.export.deserialize(bytearray(data))
     except ImportError as e:
-        raise ImportError(f"reading StableHLO needs flatbuffers: pip install flatbuffers ({e})") from None
+        raise ImportError(
+            f"reading StableHLO needs flatbuffers: pip install flatbuffers ({e})"
+        ) from None
     except Exception as e:
         raise ValueError(f"not a serialized jax.export function ({type(e).__name__})") from None

@@ -24,13 +24,18 @@ try:
 except ImportError as e:  # pragma: no cover - exercised where torch is absent
     raise ImportError(f"scm_jax.torch needs PyTorch: {INSTALL_HINT} ({e})") from None
 
-from scm_jax.torch.networks import MLP, SCMNetwork, UNet, build_network
-from scm_jax.torch.sampling import ConsistencySampler, consistency_times, sample_consistency
+from scm_jax.torch.networks import MLP, UNet, build_network  # noqa: E402
+from scm_jax.torch.sampling import (  # noqa: E402
+    ConsistencySampler,
+    SCMNetwork,
+    consistency_times,
+    sample_consistency,
+)
 
 __all__ = [
     "MLP",
-    "SCMNetwork",
     "ConsistencySampler",
+    "SCMNetwork",
     "UNet",
     "build_network",
     "consistency_times",
@@ -44,7 +49,7 @@ def load_network(
 ) -> torch.nn.Module:
     """The PyTorch F_theta of an export folder, weights loaded, in eval mode.
 
-    The module (a :class:`~scm_jax.torch.networks.SCMNetwork`: :class:`UNet` or :class:`MLP`) gets
+    The module (a :class:`~scm_jax.torch.sampling.SCMNetwork`: :class:`UNet` or :class:`MLP`) gets
     the export's TrigFlow constants ``sigma_d``, ``t_max``, ``t_mid``, ``guidance`` (the default
     guidance input) and ``config`` (the export's config dict), which its ``sample`` and
     ``consistency`` methods use.
@@ -70,19 +75,29 @@ def load_network(
         state = load_file(str(path))
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(f"{str(path)!r} is not a readable safetensors file ({first[:200]})") from None
+        raise ValueError(
+            f"{str(path)!r} is not a readable safetensors file ({first[:200]})"
+        ) from None
     own = net.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
-        raise ValueError(f"{path} does not fit the config's network: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")  # fmt: skip
+        raise ValueError(
+            f"{path} does not fit the config's network: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
     for name, tensor in state.items():
         if tuple(tensor.shape) != tuple(own[name].shape):
-            raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)}, the network needs "
-                             f"{tuple(own[name].shape)}")  # fmt: skip
+            raise ValueError(
+                f"{path}: {name} has shape {tuple(tensor.shape)}, the network needs "
+                f"{tuple(own[name].shape)}"
+            )
     net.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
     net = net.to(device=device, dtype=dtype).eval()
     net.config = cfg
-    net.sigma_d, net.t_max, net.t_mid = float(cfg["sigma_d"]), float(cfg["t_max"]), float(cfg["t_mid"])
+    net.sigma_d, net.t_max, net.t_mid = (
+        float(cfg["sigma_d"]),
+        float(cfg["t_max"]),
+        float(cfg["t_mid"]),
+    )
     net.guidance = cfg.get("guidance")
     return net

@@ -12,8 +12,8 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F_nn
 from torch import nn
+from torch.nn import functional as tnf
 
 Tensor = torch.Tensor
 
@@ -39,7 +39,7 @@ def normalize(x: Tensor, dim: int | Sequence[int], eps: float = _NORM_EPS) -> Te
 
 def mp_silu(x: Tensor) -> Tensor:
     """Magnitude-preserving SiLU (EDM2 Eq. 81)."""
-    return F_nn.silu(x) / 0.596
+    return tnf.silu(x) / 0.596
 
 
 def mp_sum(a: Tensor, b: Tensor, t: float = 0.5) -> Tensor:
@@ -60,9 +60,9 @@ def resample(x: Tensor, mode: str) -> Tensor:
     if mode == "keep":
         return x
     if mode == "down":
-        return F_nn.avg_pool2d(x, 2)
+        return tnf.avg_pool2d(x, 2)
     if mode == "up":
-        return F_nn.interpolate(x, scale_factor=2.0, mode="nearest")
+        return tnf.interpolate(x, scale_factor=2.0, mode="nearest")
     raise ValueError(f"unknown resample mode {mode!r}; expected 'keep', 'down' or 'up'")
 
 
@@ -74,9 +74,12 @@ class MPConv(nn.Module):
     """
 
     def __init__(
-        self, in_channels: int, out_channels: int, kernel: tuple[int, ...] = (),
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel: tuple[int, ...] = (),
         dtype: torch.dtype | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.randn(out_channels, in_channels, *kernel))
         self.fan_in = in_channels * math.prod(kernel)
@@ -89,8 +92,8 @@ class MPConv(nn.Module):
         dtype = self.compute_dtype or x.dtype
         w, x = w.to(dtype), x.to(dtype)
         if w.ndim == 2:
-            return F_nn.linear(x, w)
-        return F_nn.conv2d(x, w, padding=w.shape[-1] // 2)
+            return tnf.linear(x, w)
+        return tnf.conv2d(x, w, padding=w.shape[-1] // 2)
 
 
 def _expand(c: Tensor, like: Tensor) -> Tensor:
