@@ -313,12 +313,17 @@ def test_edm2_import_gives_edm2_denoiser(tmp_path, fmt):
     np.testing.assert_allclose(D_ours, from_t(D_edm2), atol=2e-5 * np.abs(x_sigma).max())
 
 
-def test_edm2_import_errors(tmp_path):
+def test_edm2_import_errors(tmp_path, capsys):
+    """A pickle, a file of other tensors: one clear line through the CLI, nothing written."""
+    from scm_jax import cli
     from scm_jax.export.edm2 import import_edm2
 
     (tmp_path / "snap.pkl").write_bytes(b"\x80\x04")
-    with pytest.raises(ValueError, match="pickles that only EDM2's own code can load"):
-        import_edm2(tmp_path / "snap.pkl", tmp_path / "out")
+    argv = ["import-edm2", "--from", str(tmp_path / "snap.pkl"), "--out", str(tmp_path / "out")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pickles that only EDM2's own code can load" in err
+    assert "torch.save(net.state_dict()" in err and not (tmp_path / "out").exists()
     from safetensors.numpy import save_file
 
     save_file({"a": np.zeros(2, np.float32)}, str(tmp_path / "other.safetensors"))

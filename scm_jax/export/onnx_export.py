@@ -14,6 +14,10 @@ with inputs ``noise`` ``(n, B, C, H, W)`` standard normal (then labels / guidanc
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -115,17 +119,18 @@ def export_onnx(
         main = [k for k in example if k not in names]  # *cond is one nested entry
         dyn = (*({1 if k == "noise" else 0: batch} for k in main), tuple({0: batch} for _ in names))
         args = tuple(torch.from_numpy(v) for v in example.values())
-        torch.onnx.export(
-            module,
-            args,
-            str(out_dir / fname),
-            dynamo=True,
-            opset_version=OPSET,
-            input_names=[*inputs, *names],
-            output_names=outputs,
-            dynamic_shapes=dyn,
-            verbose=False,
-        )
+        with _quiet_exporter():
+            torch.onnx.export(
+                module,
+                args,
+                str(out_dir / fname),
+                dynamo=True,
+                opset_version=OPSET,
+                input_names=[*inputs, *names],
+                output_names=outputs,
+                dynamic_shapes=dyn,
+                verbose=False,
+            )
         check = {**make(3), **_cond_inputs(net, 3, rng)}
         session = ort.InferenceSession(str(out_dir / fname), providers=["CPUExecutionProvider"])
         got = session.run(None, check)[0]
@@ -136,6 +141,21 @@ def export_onnx(
             raise ValueError(f"{fname}: ONNX Runtime differs from PyTorch by {err:.3g}")
         errors[fname] = err
     return errors
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Silence the exporter's notes that concern nothing here (torchvision ops it skips, the
+    renaming of the batch axis); errors still raise."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*axis name.*", category=UserWarning)
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def _named(names: list[str], cond: tuple[Any, ...]) -> tuple[Any, Any]:
