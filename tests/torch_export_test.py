@@ -367,3 +367,24 @@ def test_scd_starts_from_imported_edm2(tmp_path):
     out = train(cfg, tmp_path / "student", log=quiet)
     assert out["step"] == 2 and out["interrupted"] is None
     assert math.isfinite(out.get("loss", 0.0))
+
+
+def test_load_network_errors(tmp_path):
+    """A folder without config.json, a damaged weights file, weights of another network."""
+    with pytest.raises(FileNotFoundError, match=r"has no config\.json"):
+        scm_torch.load_network(tmp_path)
+    run = {"model": MLP, "objective": "sct", "trigflow": {"sigma_d": 0.5, "sigma_max": 80.0,
+                                                          "t_mid": 1.1}}  # fmt: skip
+    nd = build_network(MLP)
+    params = jax.tree.map(np.asarray, nd.init(jax.random.key(0))["net"])
+    save_export(tmp_path, params, export_config(run, ema="x", step=1, source="test"))
+    (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00garbage")
+    with pytest.raises(ValueError, match="is not a readable safetensors file"):
+        scm_torch.load_network(tmp_path)
+    from safetensors.numpy import save_file
+
+    save_file(
+        {"in_linear.weight": np.zeros((2, 2), np.float32)}, str(tmp_path / "model.safetensors")
+    )
+    with pytest.raises(ValueError, match="does not fit the config's network"):
+        scm_torch.load_network(tmp_path)
