@@ -6,9 +6,9 @@
 
 Every ``--to`` writes the export folder (``model.safetensors`` + ``config.json``: the EMA weights
 in PyTorch names and layouts, docs/export.md); ``torch`` also loads it into ``scm_jax.torch``
-and checks F_theta against JAX, ``onnx`` adds ``network.onnx`` and the 1- and 2-step samplers
-checked with ONNX Runtime, ``stablehlo`` adds serialized ``jax.export`` functions checked
-bit-exact after a round trip.
+and checks F_theta against JAX, ``onnx`` does too and adds ``network.onnx`` and the 1- and
+2-step samplers checked with ONNX Runtime, ``stablehlo`` adds serialized ``jax.export``
+functions checked bit-exact after a round trip.
 """
 
 from __future__ import annotations
@@ -184,10 +184,10 @@ def export_main(argv: Sequence[str]) -> int:
 
     save_export(out, params, cfg)
     print(f"wrote {out / WEIGHTS_FILE} and config.json (EMA {cfg['ema']}, step {cfg['step']})")
-    if args.to == "torch":
+    if args.to in ("torch", "onnx"):
         err = torch_parity(out, params, cfg)
         print(f"scm_jax.torch.load_network({str(out)!r}): max |F_torch - F_jax| = {err:.2e}")
-    elif args.to == "onnx":
+    if args.to == "onnx":
         from scm_jax.export.onnx_export import export_onnx
 
         for fname, err in export_onnx(out, out).items():
