@@ -128,6 +128,17 @@ def test_torch_network_equals_jax(case):
     np.testing.assert_allclose(F_torch, F_jax, atol=1e-5, rtol=0)
 
 
+def test_low_precision_compute_dtype():
+    """model.dtype='bfloat16' computes in bfloat16 in both frameworks: they agree to bf16
+    rounding (the JAX network's own bf16-vs-float32 difference is of the same size)."""
+    nd, params, net = make({**TINY, "dtype": "bfloat16"})
+    x, t, y, g = inputs(nd)
+    F_jax = np.asarray(jax.jit(nd.apply_fn)(params, x, t, y, g)).astype(np.float32)
+    with torch.no_grad():
+        F_torch = from_t(net(to_t(x), to_t(t), to_t(y), to_t(g))).astype(np.float32)
+    assert np.abs(F_torch - F_jax).max() < 0.05 * np.abs(F_jax).max()
+
+
 @pytest.mark.parametrize("steps", [1, 2])
 @pytest.mark.parametrize("case", ["unet_sCM", "mlp_adn", "small_mnist"])
 def test_torch_sampler_equals_jax(case, steps):
