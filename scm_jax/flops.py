@@ -22,7 +22,7 @@ try:  # jax >= 0.4.36 exposes the jaxpr types under jax.extend
 except ImportError:  # pragma: no cover - older jax
     ClosedJaxpr, Jaxpr = jax_core.ClosedJaxpr, jax_core.Jaxpr
 
-__all__ = ["count_flops", "jaxpr_flops"]
+__all__ = ["count_flops", "flops_by_dtype", "jaxpr_flops"]
 
 
 def _dot_general_flops(eqn: Any) -> int:
@@ -54,6 +54,30 @@ def _sub_jaxprs(params: dict) -> list[Any]:
     return found
 
 
+def _walk(jaxpr: Any, mult: int, acc: dict[str, int]) -> None:
+    """Add ``mult`` x each product's FLOPs to ``acc[dtype of its left operand]``."""
+    if isinstance(jaxpr, ClosedJaxpr):
+        jaxpr = jaxpr.jaxpr
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name in ("dot_general", "conv_general_dilated"):
+            flops = _dot_general_flops(eqn) if name == "dot_general" else _conv_flops(eqn)
+            dtype = str(eqn.invars[0].aval.dtype)
+            acc[dtype] = acc.get(dtype, 0) + mult * flops
+        elif name == "cond":
+            branches = []
+            for b in eqn.params["branches"]:
+                branch: dict[str, int] = {}
+                _walk(b, mult, branch)
+                branches.append(branch)
+            for k, v in max(branches, key=lambda d: sum(d.values())).items():
+                acc[k] = acc.get(k, 0) + v
+        else:
+            length = eqn.params.get("length", 1) if name == "scan" else 1
+            for sub in _sub_jaxprs(eqn.params):
+                _walk(sub, mult * length, acc)
+
+
 def jaxpr_flops(jaxpr: Any) -> int:
     """Sum of 2 x multiply-adds of all matrix products and convolutions in a (closed) jaxpr.
 
@@ -61,22 +85,18 @@ def jaxpr_flops(jaxpr: Any) -> int:
     largest branch of a cond). ``while`` loops are counted once per body (their trip count is not
     static).
     """
-    if isinstance(jaxpr, ClosedJaxpr):
-        jaxpr = jaxpr.jaxpr
-    total = 0
-    for eqn in jaxpr.eqns:
-        name = eqn.primitive.name
-        if name == "dot_general":
-            total += _dot_general_flops(eqn)
-        elif name == "conv_general_dilated":
-            total += _conv_flops(eqn)
-        elif name == "cond":
-            total += max(jaxpr_flops(b) for b in eqn.params["branches"])
-        else:
-            mult = eqn.params.get("length", 1) if name == "scan" else 1
-            for sub in _sub_jaxprs(eqn.params):
-                total += mult * jaxpr_flops(sub)
-    return total
+    acc: dict[str, int] = {}
+    _walk(jaxpr, 1, acc)
+    return sum(acc.values())
+
+
+def flops_by_dtype(fn: Callable, *args: Any, **kwargs: Any) -> dict[str, int]:
+    """Model FLOPs of ``fn(*args, **kwargs)`` split by the dtype of each product's left operand
+    (``{'bfloat16': ..., 'float32': ...}``): which share of the work a bf16 policy really runs in
+    bf16."""
+    acc: dict[str, int] = {}
+    _walk(jax.make_jaxpr(fn)(*args, **kwargs), 1, acc)
+    return acc
 
 
 def count_flops(fn: Callable, *args: Any, **kwargs: Any) -> int:

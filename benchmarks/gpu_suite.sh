@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The full GPU benchmark suite on one H100 / H200 in about 8 minutes (docs/performance.md#gpu-suite).
+#
+#   bash benchmarks/gpu_suite.sh [OUT_DIR]      # default: $OUT if set, else benchmarks/results
+#
+# Parts, each a script with its own wall-clock budget (seconds, overridable by the variables
+# below): it starts no measurement that would not fit, and `timeout` stops it 30 s after the
+# budget in any case, so a slow part cannot eat the others' time. Every script rewrites its JSON
+# after each row, so a stopped part keeps what it measured ("complete": false).
+#
+#   jvp_overhead  JVP_BUDGET_S    (80)   forward vs jax.jvp, sizes s, xl, xxl, ... bf16 (+ f32)
+#   train_step    TRAIN_BUDGET_S  (220)  the real donated train step, S and XL first, MFU
+#   sampling      SAMPLE_BUDGET_S (130)  XXL 1/2-step vs the teacher's Heun (NFE 63 x 2 CFG),
+#                                        batch 1/64/256, with the SD-VAE-sized decoder
+#   peer_torch    PEER_BUDGET_S   (60)   the PyTorch peer (issue 9's scm_jax.torch): runs when
+#                                        benchmarks/peer_torch.py exists
+#
+# Results: OUT_DIR/<part>_gpu.json, OUT_DIR/gpu_suite.log, and OUT_DIR/report.md (the markdown
+# tables, printed last). Python packages the GPU image lacks (ml-collections) are installed from
+# wheels in .whl/ when that folder exists (docs/performance.md says how to fetch them).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR="${1:-${OUT:-benchmarks/results}}"
+mkdir -p "$OUT_DIR"
+LOG="$OUT_DIR/gpu_suite.log"
+PY="${PYTHON:-python3}"
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/scm_jax_site .whl/*.whl || exit 1
+    export PYTHONPATH="/tmp/scm_jax_site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+# The training launchers' XLA settings (launch/xla_flags.sh), and more of the GPU's memory
+# for the XL train step without rematerialisation.
+export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}"
+. launch/xla_flags.sh
+
+"$PY" - <<'EOF' 2>&1 | tee "$LOG" || exit 1
+import jax, ml_collections, flax, optax  # noqa: F401  (fails early if a package is missing)
+d = jax.devices()[0]
+print(f"jax {jax.__version__} on {jax.device_count()} x {d.device_kind} ({d.platform})")
+assert d.platform == "gpu", "gpu_suite.sh needs a GPU; the CPU versions: python benchmarks/<part>.py --cpu"
+EOF
+
+part() { # name budget_s script [args...]
+    local name=$1 budget=$2
+    shift 2
+    echo "== $name (budget ${budget} s) ==" | tee -a "$LOG"
+    timeout --kill-after=10 $((budget + 30)) "$PY" "$@" --budget-s "$budget" \
+        --out "$OUT_DIR/${name}_gpu.json" 2>&1 | tee -a "$LOG"
+    echo "== $name: exit ${PIPESTATUS[0]} ==" | tee -a "$LOG"
+}
+
+part jvp_overhead "${JVP_BUDGET_S:-80}" benchmarks/jvp_overhead.py
+part train_step "${TRAIN_BUDGET_S:-220}" benchmarks/train_step.py
+part sampling "${SAMPLE_BUDGET_S:-130}" benchmarks/sampling.py
+if [ -f benchmarks/peer_torch.py ]; then
+    part peer_torch "${PEER_BUDGET_S:-60}" benchmarks/peer_torch.py
+else
+    echo "== peer_torch: not run (benchmarks/peer_torch.py does not exist yet: issue 9) ==" |
+        tee -a "$LOG"
+fi
+
+"$PY" benchmarks/report.py "$OUT_DIR"/*_gpu.json | tee "$OUT_DIR/report.md"

@@ -1,0 +1,144 @@
+"""JVP overhead: the time of sCM's ``jax.jvp`` (primal + tangent) over the time of a forward.
+
+  python benchmarks/jvp_overhead.py                    # GPU: sizes s, xl, xxl, xs, m, l (budget)
+  python benchmarks/jvp_overhead.py --cpu              # CPU: the 16x16 smoke network
+  python benchmarks/jvp_overhead.py --sizes s,xl --dtypes bfloat16,float32 --batch 32
+
+For each size and compute dtype, the sCD student of ``configs/imagenet512.py`` (bf16 compute,
+float32 parameters, random weights) is jitted twice: its forward F_theta(x_t / sigma_d, t, y, s),
+and ``scm_jax.losses.tangent_jvp`` -- the one JVP of the stop-gradient network that sCT and sCD
+compute, parameters closed over (symbolic-zero tangents), tangents (cos t sin t dx_t/dt,
+cos t sin t sigma_d). Both take the parameters as arguments. Reported: median time per call of
+each, their ratio (target on an H100 in bf16: <= 2.2), the model-FLOP ratio (``scm_jax.flops``:
+2.00-2.01), XLA's ``cost_analysis()`` FLOPs of both programs, achieved TFLOP/s and the forward's
+MFU. Writes ``benchmarks/results/jvp_overhead_<platform>.json`` (or ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+from scm_jax import bench
+from scm_jax.flops import count_flops
+from scm_jax.losses import tangent_jvp
+from scm_jax.networks import build_network
+
+NAME = "jvp_overhead"
+GPU_SIZES = ("s", "xl", "xxl", "xs", "m", "l")  # in priority order under a budget
+GPU_BATCH = 32
+CPU_SIZES = ("smoke",)
+CPU_BATCH = 8
+
+
+def measure(size: str, dtype: str, batch: int, reps: int) -> dict:
+    """Forward and JVP of one size and dtype: times, FLOPs, memory."""
+    cfg = bench.suite_config(size, "scd_cfg", dtype=dtype)
+    nd = build_network(cfg.model)
+    sigma_d = float(cfg.trigflow.sigma_d)
+    params = jax.jit(lambda k: nd.init(k)["net"])(jax.random.key(0))
+    k = jax.random.split(jax.random.key(1), 3)
+    shape = (batch, *nd.sample_shape)
+    x_t = sigma_d * jax.random.normal(k[0], shape) * 1.4
+    dx_dt = sigma_d * jax.random.normal(k[1], shape)
+    t = jax.random.uniform(k[2], (batch,), minval=0.1, maxval=1.5)
+    labels = jnp.arange(batch, dtype=jnp.int32) % nd.num_classes
+    guidance = jnp.full((batch,), 1.5)
+
+    def forward(p, x_t, t, labels, guidance):
+        return nd.apply_fn(p, x_t / sigma_d, t, labels, guidance)
+
+    def jvp(p, x_t, t, dx_dt, labels, guidance):
+        return tangent_jvp(nd.apply_fn, p, x_t, t, dx_dt, sigma_d=sigma_d, labels=labels,
+                           guidance=guidance)  # fmt: skip
+
+    row: dict = {"size": size, "dtype": dtype, "batch": batch,
+                 "params": int(sum(a.size for a in jax.tree.leaves(params)))}  # fmt: skip
+    for name, fn, args in (("forward", forward, (params, x_t, t, labels, guidance)),
+                           ("jvp", jvp, (params, x_t, t, dx_dt, labels, guidance))):  # fmt: skip
+        compiled, stats = bench.compile_stats(jax.jit(fn), *args)
+        timing = bench.time_calls(lambda c=compiled, a=args: c(*a), warmup=2, reps=reps,
+                                  inner=3 if size != "smoke" else 5, max_seconds=20)  # fmt: skip
+        flops = count_flops(fn, *args)
+        row.update({
+            f"{name}_s": timing["median_s"], f"{name}_iqr_s": timing["iqr_s"],
+            f"{name}_samples": timing["samples"],
+            f"{name}_model_gflops": flops / 1e9, f"{name}_xla_gflops": _g(stats["xla_flops"]),
+            f"{name}_compile_s": stats["compile_s"], f"{name}_temp_bytes": stats["temp_bytes"],
+            f"{name}_tflops_per_s": flops / timing["median_s"] / 1e12,
+        })  # fmt: skip
+    row["time_ratio"] = row["jvp_s"] / row["forward_s"]
+    row["model_flop_ratio"] = row["jvp_model_gflops"] / row["forward_model_gflops"]
+    if row["forward_xla_gflops"] and row["jvp_xla_gflops"]:
+        row["xla_flop_ratio"] = row["jvp_xla_gflops"] / row["forward_xla_gflops"]
+    row["forward_mfu"] = bench.mfu(row["forward_model_gflops"] * 1e9, row["forward_s"])
+    row["jvp_mfu"] = bench.mfu(row["jvp_model_gflops"] * 1e9, row["jvp_s"])
+    row["device_memory"] = bench.device_memory()
+    return row
+
+
+def _g(flops: float | None) -> float | None:
+    return None if flops is None else flops / 1e9
+
+
+COLUMNS = [
+    ("size", "size", ""), ("dtype", "dtype", ""), ("batch", "batch", "d"),
+    ("forward ms", "forward_ms", ".2f"), ("JVP ms", "jvp_ms", ".2f"),
+    ("JVP / forward (time)", "time_ratio", ".2f"),
+    ("JVP / forward (model FLOPs)", "model_flop_ratio", ".3f"),
+    ("JVP / forward (XLA FLOPs)", "xla_flop_ratio", ".3f"),
+    ("forward TFLOP/s", "forward_tflops_per_s", ".3g"), ("forward MFU", "forward_mfu", ".1%"),
+]  # fmt: skip
+
+
+def table(rows: list[dict]) -> str:
+    """The markdown table of docs/performance.md from this benchmark's rows."""
+    ok = [{**r, "forward_ms": r["forward_s"] * 1e3, "jvp_ms": r["jvp_s"] * 1e3}
+          for r in rows if r.get("status") == "ok"]  # fmt: skip
+    return bench.markdown_table(ok, COLUMNS)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    bench.add_common_args(parser, NAME)
+    parser.add_argument("--sizes", default=None, help="comma-separated sizes (xs..xxl, smoke)")
+    parser.add_argument("--dtypes", default=None, help="compute dtypes (bfloat16, float32)")
+    parser.add_argument("--batch", type=int, default=None, help="samples per call")
+    args = parser.parse_args(argv)
+    small, out = bench.resolve_common(args, NAME)
+    sizes = args.sizes.split(",") if args.sizes else list(CPU_SIZES if small else GPU_SIZES)
+    dtypes = args.dtypes.split(",") if args.dtypes else ["bfloat16", "float32"]
+    if args.quick and not args.dtypes:
+        dtypes = ["float32"]
+    batch = args.batch or (CPU_BATCH if small else GPU_BATCH)
+    reps = args.reps or (2 if args.quick else 5 if small else 20)
+    budget = bench.Budget(args.budget_s)
+    res = bench.Results(out, NAME, "python " + " ".join(sys.argv), {
+        "sizes": sizes, "dtypes": dtypes, "batch": batch, "reps": reps, "small": small,
+        "budget_s": args.budget_s, "quick": args.quick,
+        "network": "configs/imagenet512.py sCD student with the guidance input, random weights, "
+        "float32 parameters",
+    })  # fmt: skip
+    longest = 0.0
+    for size in sizes:
+        for dtype in dtypes:
+            if not small and dtype == "float32" and size not in ("s", "xl"):
+                continue  # float32 only where it shows the bf16 gain, to save budget
+            if not budget.allows(1.5 * longest):
+                res.add({"size": size, "dtype": dtype, "batch": batch, "status": "skipped",
+                         "reason": f"budget: {budget.left():.0f} s left"})  # fmt: skip
+                continue
+            t0 = time.perf_counter()
+            row = bench.run_guarded(lambda s=size, d=dtype: measure(s, d, batch, reps))
+            res.add({"size": size, "dtype": dtype, "batch": batch, **row})
+            longest = max(longest, time.perf_counter() - t0)
+    res.finish()
+    print(table(res.rows))
+
+
+if __name__ == "__main__":
+    main()
