@@ -10,8 +10,9 @@ and ``scm_jax.losses.tangent_jvp`` -- the one JVP of the stop-gradient network t
 compute, parameters closed over (symbolic-zero tangents), tangents (cos t sin t dx_t/dt,
 cos t sin t sigma_d). Both take the parameters as arguments. Reported: median time per call of
 each, their ratio (target on an H100 in bf16: <= 2.2), the model-FLOP ratio (``scm_jax.flops``:
-2.00-2.01), XLA's ``cost_analysis()`` FLOPs of both programs, achieved TFLOP/s and the forward's
-MFU. Writes ``benchmarks/results/jvp_overhead_<platform>.json`` (or ``--out``).
+2.00-2.01), XLA's ``cost_analysis()`` FLOPs of both programs, achieved TFLOP/s, the forward's
+MFU, and the share of the FLOPs in attention's products (whether a flash-attention kernel
+could matter). Writes ``benchmarks/results/jvp_overhead_<platform>.json`` (or ``--out``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from scm_jax import bench
-from scm_jax.flops import count_flops
+from scm_jax.flops import count_flops, flops_by_kind
 from scm_jax.losses import tangent_jvp
 from scm_jax.networks import build_network
 
@@ -64,6 +65,8 @@ def measure(size: str, dtype: str, batch: int, reps: int) -> dict:
         timing = bench.time_calls(lambda c=compiled, a=args: c(*a), warmup=2, reps=reps,
                                   inner=3 if size != "smoke" else 5, max_seconds=20)  # fmt: skip
         flops = count_flops(fn, *args)
+        kinds = flops_by_kind(fn, *args)  # attention's QK^T and PV: the batched products
+        row[f"{name}_attention_flop_share"] = kinds.get("batched_matmul", 0) / flops
         row.update({
             f"{name}_s": timing["median_s"], f"{name}_iqr_s": timing["iqr_s"],
             f"{name}_samples": timing["samples"],
@@ -92,6 +95,7 @@ COLUMNS = [
     ("JVP / forward (model FLOPs)", "model_flop_ratio", ".3f"),
     ("JVP / forward (XLA FLOPs)", "xla_flop_ratio", ".3f"),
     ("forward TFLOP/s", "forward_tflops_per_s", ".3g"), ("forward MFU", "forward_mfu", ".1%"),
+    ("attention share of JVP FLOPs", "jvp_attention_flop_share", ".2%"),
 ]  # fmt: skip
 
 

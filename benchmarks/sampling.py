@@ -9,6 +9,8 @@ the whole sampler is one XLA program, ``lax.scan`` over the steps, one trace of 
 
 * ``consistency``: the sCD student (guidance input, bf16 compute, float32 random weights) at
   1 and 2 steps (t_max, then sCM's t_mid = 1.1);
+* ``consistency_unrolled``: the same with the steps unrolled (``sampling.sample_consistency``'s
+  ``unroll``): straight-line code instead of a loop, for XLA to compare;
 * ``teacher``: the same-size teacher's EDM Heun sampler, 32 steps = 63 evaluations of the
   guided F, each a doubled batch (classifier-free guidance: 126 network evaluations/sample);
 * ``+decoder``: the 2- (and 1-) step sample followed by an SD-VAE-sized decoder of random
@@ -33,7 +35,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from scm_jax import bench
+from scm_jax import bench, sampling, trigflow
 from scm_jax.flops import count_flops
 from scm_jax.networks import build_network
 from scm_jax.networks.vae_decoder import SDVAEDecoder, init_random, raw_latents
@@ -50,7 +52,7 @@ def _plan(batches: list[int], with_decoder: bool) -> list[tuple[str, int, int]]:
     plan = [("consistency", 2, 1), ("consistency", 1, 1)]
     if with_decoder:
         plan += [("consistency+decoder", 2, 1), ("decoder", 0, 1)]
-    plan += [("api", 2, 1), ("teacher", 0, 1)]
+    plan += [("api", 2, 1), ("teacher", 0, 1), ("consistency_unrolled", 2, 1)]
     for b in batches:
         if b != 1:
             plan += [("consistency", 2, b), ("consistency", 1, b)]
@@ -107,6 +109,15 @@ class Suite:
                 return jnp.clip(self.decoder.apply(dvars, z).astype(jnp.float32), -1, 1)
 
             return jax.jit(sample_and_decode), (args[0], self.decoder_vars, *args[1:]), steps
+        if kind == "consistency_unrolled":
+            tf = self.cfg.trigflow
+            times = sampling.consistency_times(steps, trigflow.t_max(tf.sigma_max, tf.sigma_d),
+                                               tf.t_mid)  # fmt: skip
+            fn = sampling.make_consistency_sampler(
+                self.nd.apply_fn, (batch, *self.nd.sample_shape), times, tf.sigma_d, unroll=True
+            )
+            y, g = self.student.batch_inputs(None, batch)
+            return fn, (self.student.params, key, y, g), float(steps)
         if kind == "decoder":
             hw = self.nd.sample_shape[0]
             z = jax.random.normal(key, (batch, hw, hw, 4))

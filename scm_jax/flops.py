@@ -22,7 +22,7 @@ try:  # jax >= 0.4.36 exposes the jaxpr types under jax.extend
 except ImportError:  # pragma: no cover - older jax
     ClosedJaxpr, Jaxpr = jax_core.ClosedJaxpr, jax_core.Jaxpr
 
-__all__ = ["count_flops", "flops_by_dtype", "jaxpr_flops"]
+__all__ = ["count_flops", "flops_by_dtype", "flops_by_kind", "jaxpr_flops"]
 
 
 def _dot_general_flops(eqn: Any) -> int:
@@ -54,28 +54,39 @@ def _sub_jaxprs(params: dict) -> list[Any]:
     return found
 
 
-def _walk(jaxpr: Any, mult: int, acc: dict[str, int]) -> None:
-    """Add ``mult`` x each product's FLOPs to ``acc[dtype of its left operand]``."""
+def _by_dtype(eqn: Any) -> str:
+    return str(eqn.invars[0].aval.dtype)
+
+
+def _by_kind(eqn: Any) -> str:
+    if eqn.primitive.name == "conv_general_dilated":
+        return "conv"
+    (_, _), (lhs_batch, _) = eqn.params["dimension_numbers"]
+    return "batched_matmul" if lhs_batch else "matmul"  # attention's QK^T and PV are batched
+
+
+def _walk(jaxpr: Any, mult: int, acc: dict[str, int], key: Callable[[Any], str]) -> None:
+    """Add ``mult`` x each product's FLOPs to ``acc[key(its equation)]``."""
     if isinstance(jaxpr, ClosedJaxpr):
         jaxpr = jaxpr.jaxpr
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
         if name in ("dot_general", "conv_general_dilated"):
             flops = _dot_general_flops(eqn) if name == "dot_general" else _conv_flops(eqn)
-            dtype = str(eqn.invars[0].aval.dtype)
-            acc[dtype] = acc.get(dtype, 0) + mult * flops
+            k = key(eqn)
+            acc[k] = acc.get(k, 0) + mult * flops
         elif name == "cond":
             branches = []
             for b in eqn.params["branches"]:
                 branch: dict[str, int] = {}
-                _walk(b, mult, branch)
+                _walk(b, mult, branch, key)
                 branches.append(branch)
             for k, v in max(branches, key=lambda d: sum(d.values())).items():
                 acc[k] = acc.get(k, 0) + v
         else:
             length = eqn.params.get("length", 1) if name == "scan" else 1
             for sub in _sub_jaxprs(eqn.params):
-                _walk(sub, mult * length, acc)
+                _walk(sub, mult * length, acc, key)
 
 
 def jaxpr_flops(jaxpr: Any) -> int:
@@ -86,7 +97,7 @@ def jaxpr_flops(jaxpr: Any) -> int:
     static).
     """
     acc: dict[str, int] = {}
-    _walk(jaxpr, 1, acc)
+    _walk(jaxpr, 1, acc, _by_dtype)
     return sum(acc.values())
 
 
@@ -95,7 +106,16 @@ def flops_by_dtype(fn: Callable, *args: Any, **kwargs: Any) -> dict[str, int]:
     (``{'bfloat16': ..., 'float32': ...}``): which share of the work a bf16 policy really runs in
     bf16."""
     acc: dict[str, int] = {}
-    _walk(jax.make_jaxpr(fn)(*args, **kwargs), 1, acc)
+    _walk(jax.make_jaxpr(fn)(*args, **kwargs), 1, acc, _by_dtype)
+    return acc
+
+
+def flops_by_kind(fn: Callable, *args: Any, **kwargs: Any) -> dict[str, int]:
+    """Model FLOPs of ``fn(*args, **kwargs)`` split into ``'conv'``, ``'matmul'`` (linear layers)
+    and ``'batched_matmul'`` (products with batch dimensions: attention's QK^T and PV), to see
+    whether attention matters at a network's sizes."""
+    acc: dict[str, int] = {}
+    _walk(jax.make_jaxpr(fn)(*args, **kwargs), 1, acc, _by_kind)
     return acc
 
 

@@ -204,12 +204,15 @@ class Sampler:
         key = jax.random.key(rng) if isinstance(rng, int | np.integer) else rng
         y = self._labels(labels, num)
         b = min(self.batch_size, num)
-        outs = []
+        outs, pending = [], None
         for i, start in enumerate(range(0, num, b)):
             n = min(b, num - start)
             yi = None if y is None else jnp.pad(y[start : start + n], (0, b - n))
             x = self.sample_batch(jax.random.fold_in(key, i), b, steps, yi, guidance)
-            outs.append(np.asarray(x[:n], np.float32))
+            if pending is not None:  # copy the previous batch while this one computes
+                outs.append(np.asarray(pending[0][: pending[1]], np.float32))
+            pending = (x, n)
+        outs.append(np.asarray(pending[0][: pending[1]], np.float32))
         out = np.concatenate(outs)
         return np.clip(out, -1.0, 1.0) if len(self.shape) == 3 else out
 
