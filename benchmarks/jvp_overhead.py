@@ -3,6 +3,7 @@
   python benchmarks/jvp_overhead.py                    # GPU: sizes s, xl, xxl, xs, m, l (budget)
   python benchmarks/jvp_overhead.py --cpu              # CPU: the 16x16 smoke network
   python benchmarks/jvp_overhead.py --sizes s,xl --dtypes bfloat16,float32 --batch 32
+  python benchmarks/jvp_overhead.py --flops-only      # any machine: traced FLOPs of every size
 
 For each size and compute dtype, the sCD student of ``configs/imagenet512.py`` (bf16 compute,
 float32 parameters, random weights) is jitted twice: its forward F_theta(x_t / sigma_d, t, y, s),
@@ -18,16 +19,18 @@ could matter). Writes ``benchmarks/results/jvp_overhead_<platform>.json`` (or ``
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
 from scm_jax import bench
-from scm_jax.flops import count_flops, flops_by_kind
+from scm_jax.flops import jaxpr_flops_split
 from scm_jax.losses import tangent_jvp
-from scm_jax.networks import build_network
+from scm_jax.networks import EDM2_CHANNELS, build_network
 
 NAME = "jvp_overhead"
 GPU_SIZES = ("s", "xl", "xxl", "xs", "m", "l")  # in priority order under a budget
@@ -36,8 +39,9 @@ CPU_SIZES = ("smoke",)
 CPU_BATCH = 8
 
 
-def measure(size: str, dtype: str, batch: int, reps: int) -> dict:
-    """Forward and JVP of one size and dtype: times, FLOPs, memory."""
+def measure(size: str, dtype: str, batch: int, reps: int, profile: Path | None = None) -> dict:
+    """Forward and JVP of one size and dtype: times, FLOPs, memory (``profile``: a folder for
+    a ``jax.profiler`` trace of each)."""
     cfg = bench.suite_config(size, "scd_cfg", dtype=dtype)
     nd = build_network(cfg.model)
     sigma_d = float(cfg.trigflow.sigma_d)
@@ -62,11 +66,13 @@ def measure(size: str, dtype: str, batch: int, reps: int) -> dict:
     for name, fn, args in (("forward", forward, (params, x_t, t, labels, guidance)),
                            ("jvp", jvp, (params, x_t, t, dx_dt, labels, guidance))):  # fmt: skip
         compiled, stats = bench.compile_stats(jax.jit(fn), *args)
+        pdir = None if profile is None else profile / name
         timing = bench.time_calls(lambda c=compiled, a=args: c(*a), warmup=2, reps=reps,
-                                  inner=3 if size != "smoke" else 5, max_seconds=20)  # fmt: skip
-        flops = count_flops(fn, *args)
-        kinds = flops_by_kind(fn, *args)  # attention's QK^T and PV: the batched products
-        row[f"{name}_attention_flop_share"] = kinds.get("batched_matmul", 0) / flops
+                                  inner=3 if size != "smoke" else 5, max_seconds=20,
+                                  profile_dir=pdir)  # fmt: skip
+        flops = stats["model_flops"]  # scm_jax.flops of the traced program
+        # attention's QK^T and PV are the products with batch dimensions
+        row[f"{name}_attention_flop_share"] = stats["model_flops_batched_matmul"] / flops
         row.update({
             f"{name}_s": timing["median_s"], f"{name}_iqr_s": timing["iqr_s"],
             f"{name}_samples": timing["samples"],
@@ -99,8 +105,45 @@ COLUMNS = [
 ]  # fmt: skip
 
 
+def traced_flops(size: str) -> dict:
+    """Per-sample model FLOPs of the forward and the JVP of one size, traced on abstract shapes
+    (no compilation, no device): totals and the share in attention's products."""
+    nd = build_network(bench.suite_config(size, "scd_cfg").model)
+    ex, params = nd.example_inputs(1), nd.abstract_params()["net"]
+    x, t, y, g = ex["x"], ex["t"], ex["labels"], ex["guidance"]
+
+    def forward(p, x, t, y, g):
+        return nd.apply_fn(p, x, t, y, g)
+
+    def jvp(p, x, t, y, g):
+        return tangent_jvp(nd.apply_fn, p, x, t, x, sigma_d=0.5, labels=y, guidance=g)
+
+    row: dict = {"size": size, "status": "ok", "params": int(sum(a.size for a in
+                 jax.tree.leaves(params)))}  # fmt: skip
+    for name, fn in (("forward", forward), ("jvp", jvp)):
+        kinds = jaxpr_flops_split(jax.make_jaxpr(fn)(params, x, t, y, g), "kind")
+        total = sum(kinds.values())
+        row[f"{name}_model_gflops"] = total / 1e9
+        row[f"{name}_attention_flop_share"] = kinds.get("batched_matmul", 0) / total
+        row[f"{name}_conv_flop_share"] = kinds.get("conv", 0) / total
+    row["model_flop_ratio"] = row["jvp_model_gflops"] / row["forward_model_gflops"]
+    return row
+
+
+FLOPS_COLUMNS = [
+    ("size", "size", ""), ("forward GFLOP / sample", "forward_model_gflops", ".1f"),
+    ("JVP GFLOP / sample", "jvp_model_gflops", ".1f"),
+    ("JVP / forward", "model_flop_ratio", ".3f"),
+    ("convolutions (forward)", "forward_conv_flop_share", ".2%"),
+    ("attention products (forward)", "forward_attention_flop_share", ".2%"),
+    ("attention products (JVP)", "jvp_attention_flop_share", ".2%"),
+]  # fmt: skip
+
+
 def table(rows: list[dict]) -> str:
     """The markdown table of docs/performance.md from this benchmark's rows."""
+    if rows and "forward_s" not in rows[0] and rows[0].get("status") == "ok":  # --flops-only
+        return bench.markdown_table(rows, FLOPS_COLUMNS)
     ok = [{**r, "forward_ms": r["forward_s"] * 1e3, "jvp_ms": r["jvp_s"] * 1e3}
           for r in rows if r.get("status") == "ok"]  # fmt: skip
     return bench.markdown_table(ok, COLUMNS)
@@ -112,7 +155,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", default=None, help="comma-separated sizes (xs..xxl, smoke)")
     parser.add_argument("--dtypes", default=None, help="compute dtypes (bfloat16, float32)")
     parser.add_argument("--batch", type=int, default=None, help="samples per call")
+    parser.add_argument(
+        "--flops-only",
+        action="store_true",
+        help="trace every size's forward and JVP on abstract shapes (no timing, any machine): "
+        "model FLOPs and the share in attention; writes benchmarks/results/jvp_flops.json",
+    )
     args = parser.parse_args(argv)
+    if args.flops_only:
+        return flops_only(args)
     small, out = bench.resolve_common(args, NAME)
     sizes = args.sizes.split(",") if args.sizes else list(CPU_SIZES if small else GPU_SIZES)
     dtypes = args.dtypes.split(",") if args.dtypes else ["bfloat16", "float32"]
@@ -121,6 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     batch = args.batch or (CPU_BATCH if small else GPU_BATCH)
     reps = args.reps or (2 if args.quick else 5 if small else 20)
     budget = bench.Budget(args.budget_s)
+    prof = bench.Profiler(args.profile, args.profile_rows)
     res = bench.Results(out, NAME, "python " + " ".join(sys.argv), {
         "sizes": sizes, "dtypes": dtypes, "batch": batch, "reps": reps, "small": small,
         "budget_s": args.budget_s, "quick": args.quick,
@@ -137,9 +189,24 @@ def main(argv: list[str] | None = None) -> None:
                          "reason": f"budget: {budget.left():.0f} s left"})  # fmt: skip
                 continue
             t0 = time.perf_counter()
-            row = bench.run_guarded(lambda s=size, d=dtype: measure(s, d, batch, reps))
+            pdir = prof.next_dir(f"{size}_{dtype}")
+            row = bench.run_guarded(functools.partial(measure, size, dtype, batch, reps, pdir))
             res.add({"size": size, "dtype": dtype, "batch": batch, **row})
             longest = max(longest, time.perf_counter() - t0)
+    res.finish()
+    print(table(res.rows))
+
+
+def flops_only(args: argparse.Namespace) -> None:
+    """``--flops-only``: :func:`traced_flops` of every size (or ``--sizes``)."""
+    sizes = args.sizes.split(",") if args.sizes else list(EDM2_CHANNELS)
+    out = Path(args.out) if args.out else bench.RESULTS_DIR / "jvp_flops.json"
+    res = bench.Results(out, NAME, "python " + " ".join(sys.argv), {
+        "flops_only": True, "sizes": sizes,
+        "network": "configs/imagenet512.py sCD student with the guidance input (abstract)",
+    })  # fmt: skip
+    for size in sizes:
+        res.add(traced_flops(size))
     res.finish()
     print(table(res.rows))
 

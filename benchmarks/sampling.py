@@ -28,8 +28,10 @@ sampler's at the same batch (the seeds' headline: ~50x). Writes
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -135,12 +137,15 @@ class Suite:
 
 
 def measure(
-    suite: Suite, kind: str, steps: int, batch: int, reps: int, latency_reps: int
-) -> dict[str, Any]:
-    """Compile (where it is a fresh program) and time one sampler call.
+    suite: Suite, kind: str, steps: int, batch: int, reps: int, latency_reps: int,
+    profile: Path | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Compile (where it is a fresh program) and time one sampler call (``profile``: a folder
+    for a ``jax.profiler`` trace of one call).
 
     XLA's ``cost_analysis()`` is not reported here: it counts a ``lax.scan`` (while loop) body
-    once, not once per step; the model FLOPs are nfe x the traced forward (+ the decoder).
+    once, not once per step; the model FLOPs are read from the traced program
+    (``scm_jax.flops``, which multiplies a scan's body by its length).
     """
     n = latency_reps if batch == 1 else reps  # batch-1 latency: many calls
     if kind == "api":
@@ -151,11 +156,13 @@ def measure(
         fn, args, nfe = suite.program(kind, steps, batch)
         compiled, stats = bench.compile_stats(fn, *args)
         call = lambda: compiled(*args)  # noqa: E731
-    timing = bench.time_calls(call, warmup=1 if n < 3 else 2, reps=n, inner=1, max_seconds=20)
+    timing = bench.time_calls(call, warmup=1 if n < 3 else 2, reps=n, inner=1, max_seconds=20,
+                              profile_dir=profile)  # fmt: skip
     s = timing["median_s"]
-    gflops = nfe * suite.forward_gflops * batch
-    if "decoder" in kind:
-        gflops += suite.decoder_gflops * batch
+    if "model_flops" in stats:  # traced: every step of the loop, CFG's doubled batch, decoder
+        gflops = stats["model_flops"] / 1e9
+    else:
+        gflops = nfe * suite.forward_gflops * batch
     return {
         "nfe_per_sample": nfe, "median_s": s, "iqr_s": timing["iqr_s"], "min_s": timing["min_s"],
         "samples": timing["samples"], "images_per_s": batch / s, "model_gflops": gflops,
@@ -225,6 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         plan = [p for p in plan if p[2] == 1 and p[0] != "decoder"][:5]
     budget = bench.Budget(args.budget_s)
+    prof = bench.Profiler(args.profile, args.profile_rows)
     t0 = time.perf_counter()
     suite = Suite(size, args.dtype, teacher_steps, dec_channels)
     res = bench.Results(out, NAME, "python " + " ".join(sys.argv), {
@@ -247,8 +255,9 @@ def main(argv: list[str] | None = None) -> None:
             res.add({**key, "status": "skipped", "reason": f"budget: {budget.left():.0f} s left"})
             continue
         t1 = time.perf_counter()
+        pdir = prof.next_dir(f"{kind}_{steps}_{batch}".replace("+", "_"))
         row = bench.run_guarded(
-            lambda k=kind, s=steps, b=batch: measure(suite, k, s, b, reps, latency_reps)
+            functools.partial(measure, suite, kind, steps, batch, reps, latency_reps, pdir)
         )
         res.add({**key, **row})
         longest = max(longest, time.perf_counter() - t1) if kind != "teacher" else longest

@@ -29,13 +29,13 @@ import functools
 import gc
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from scm_jax import bench
-from scm_jax.flops import flops_by_dtype
 from scm_jax.info import network_flops
 from scm_jax.networks import build_network
 from scm_jax.optim import make_optimizer
@@ -72,38 +72,18 @@ CPU_PLAN: tuple[tuple[str, str, int, str], ...] = (
 
 
 @functools.cache
-def _flops_per_sample(size: str, objective: str, dtype: str) -> dict[str, float]:
-    """Model FLOPs per sample: the convention's (k F) and the traced teacher + JVP + fwd/bwd;
-    and the share of the whole step's products that run in bf16 (traced on abstract shapes)."""
-    cfg = bench.suite_config(size, objective, dtype=dtype, batch_size=jax.device_count())
-    nd = build_network(cfg.model)
-    f = network_flops(nd, nd.abstract_params())
-    tx, _ = make_optimizer(**cfg.optim, batch_size=cfg.batch_size)
-    teacher_fn, teacher_abstract = aot.abstract_teacher(cfg)
-    step = aot.train_step_from_config(cfg, nd, teacher_fn, tx=tx)
-    b = cfg.batch_size
-    by_dtype = flops_by_dtype(
-        step, aot.abstract_train_state(cfg, nd, tx),
-        jax.ShapeDtypeStruct((b, *nd.sample_shape), jnp.float32),
-        jax.ShapeDtypeStruct((b,), jnp.int32), teacher_abstract,
-    )  # fmt: skip
-    teacher_fwd = 0
-    if cfg.objective == "scd":
-        teacher = build_network(aot.teacher_model_config(cfg.model))
-        teacher_fwd = network_flops(teacher, teacher.abstract_params(), ("forward",))["forward"]
-    _, cfg_teacher, k = bench.OBJECTIVES[objective]
-    n_teacher = (2 if cfg_teacher else 1) if cfg.objective == "scd" else 0
-    traced = f["fwd_bwd"] + (f["jvp"] if cfg.objective != "diffusion" else 0)
-    traced += n_teacher * teacher_fwd
-    return {"forward": f["forward"], "convention": k * f["forward"], "traced": traced, "k": k,
-            "bf16_share": by_dtype.get("bfloat16", 0) / max(sum(by_dtype.values()), 1)}  # fmt: skip
+def _forward_flops(size: str, dtype: str) -> int:
+    """F: the student's traced forward, per sample (the convention's unit)."""
+    nd = build_network(bench.suite_config(size, "scd_cfg", dtype=dtype).model)
+    return network_flops(nd, nd.abstract_params(), ("forward",))["forward"]
 
 
 def measure(
     size: str, objective: str, per_device: int, remat: str, dtype: str, reps: int, inner: int,
-    dropout: float | None,
+    dropout: float | None, profile: Path | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """Compile and time one training step; see the module docstring for the keys."""
+    """Compile and time one training step; see the module docstring for the keys
+    (``profile``: a folder for a ``jax.profiler`` trace of ``inner`` steps)."""
     devices = jax.device_count()
     cfg = bench.suite_config(size, objective, dtype=dtype, batch_size=per_device * devices,
                              remat=remat, dropout=dropout)  # fmt: skip
@@ -139,9 +119,13 @@ def measure(
         return box[0].step, values["loss"]
 
     t0 = time.perf_counter()
-    timing = bench.time_calls(call, warmup=2, reps=reps, inner=inner, max_seconds=30)
+    timing = bench.time_calls(call, warmup=2, reps=reps, inner=inner, max_seconds=30,
+                              profile_dir=profile)  # fmt: skip
     loss = float(call()[1])
-    flops = _flops_per_sample(size, objective, dtype)
+    k = bench.OBJECTIVES[objective][2]
+    flops = {"k": k, "convention": k * _forward_flops(size, dtype),
+             "traced": stats["model_flops"] / b,
+             "bf16_share": stats["model_flops_bf16"] / max(stats["model_flops"], 1)}  # fmt: skip
     step_s = timing["median_s"]
     row = {
         "params": int(sum(a.size for a in jax.tree.leaves(box[0].params["net"]))),
@@ -149,14 +133,14 @@ def measure(
         "step_s": step_s, "step_iqr_s": timing["iqr_s"], "samples": timing["samples"],
         "inner": inner, "images_per_s": b / step_s,
         "model_gflops_per_sample": flops["convention"] / 1e9, "convention_k": flops["k"],
-        "traced_gflops_per_sample": flops["traced"] / 1e9,
+        "traced_gflops_per_sample": flops["traced"] / 1e9,  # remat recomputation included
         "bf16_flop_share": flops["bf16_share"],
         "xla_gflops_per_sample": None if not stats["xla_flops"] else stats["xla_flops"] / b / 1e9,
         "mfu": bench.mfu(flops["convention"] * b, step_s, devices),
         "model_tflops_per_s_per_device": flops["convention"] * b / step_s / devices / 1e12,
         "loss_finite": bool(jnp.isfinite(loss)),
         "timing_s": round(time.perf_counter() - t0, 2),
-        **{k: v for k, v in stats.items()},
+        **{key: v for key, v in stats.items() if not key.startswith("model_flops")},
         "device_memory": bench.device_memory(),
     }  # fmt: skip
     return row
@@ -214,6 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     reps = args.reps or (2 if args.quick else 3 if small else 5)
     inner = 1 if args.quick else 2 if small else 3
     budget = bench.Budget(args.budget_s)
+    prof = bench.Profiler(args.profile, args.profile_rows)
     res = bench.Results(out, NAME, "python " + " ".join(sys.argv), {
         "plan": plan, "dtype": args.dtype, "param_dtype": "float32", "reps": reps,
         "inner": inner, "small": small, "quick": args.quick, "budget_s": args.budget_s,
@@ -230,8 +215,10 @@ def main(argv: list[str] | None = None) -> None:
                      f"~{need:.0f} s needed"})  # fmt: skip
             continue
         t0 = time.perf_counter()
-        row = bench.run_guarded(lambda s=size, o=objective, b=per_device, r=remat: measure(
-            s, o, b, r, args.dtype, reps, inner, args.dropout))  # fmt: skip
+        pdir = prof.next_dir(f"{size}_{objective}_{per_device}_{remat}")
+        row = bench.run_guarded(functools.partial(
+            measure, size, objective, per_device, remat, args.dtype, reps, inner, args.dropout,
+            pdir))  # fmt: skip
         res.add({**key, **row, "wall_s": round(time.perf_counter() - t0, 1)})
         longest[size] = max(longest.get(size, 0.0), time.perf_counter() - t0)
         gc.collect()

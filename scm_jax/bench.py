@@ -42,6 +42,7 @@ __all__ = [
     "OBJECTIVES",
     "PEAK_BF16_TFLOPS",
     "Budget",
+    "Profiler",
     "Results",
     "add_common_args",
     "compile_stats",
@@ -156,14 +157,21 @@ def mfu(
 
 
 def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-            cwd=Path(__file__).resolve().parent,
-        )  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
+    """The checkout's short commit, with ``-dirty`` if tracked files differ from it."""
+    here = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5,
+                                 cwd=here)  # fmt: skip
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "--short", "HEAD")
+    if not commit:
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def _version(module: str) -> str | None:
@@ -210,14 +218,17 @@ def environment() -> dict[str, Any]:
 
 def time_calls(
     call: Callable[[], Any], *, warmup: int = 1, reps: int = 5, inner: int = 1,
-    max_seconds: float | None = None,
+    max_seconds: float | None = None, profile_dir: str | Path | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Time ``call()`` (which launches device work and returns its outputs).
 
     ``warmup`` calls first (each waited for), then up to ``reps`` samples of ``inner``
     back-to-back calls each, waited for with ``jax.block_until_ready`` at the end of the
     sample only (so a sample of a donating step measures throughput without a host sync per
-    call). Stops after ``max_seconds`` of sampling, keeping at least one sample.
+    call). Stops after ``max_seconds`` of sampling, keeping at least one sample. With
+    ``profile_dir``, one more sample runs under ``jax.profiler.trace(profile_dir)`` (a
+    TensorBoard / XProf trace and a Chrome ``*.trace.json.gz``; ``benchmarks/
+    profile_summary.py`` sums its device time by operation); it is not among the timings.
 
     Returns:
       ``{'median_s', 'q1_s', 'q3_s', 'iqr_s', 'min_s', 'max_s'}`` per call (a sample's time
@@ -236,6 +247,9 @@ def time_calls(
         times.append((time.perf_counter() - t0) / inner)
         if max_seconds is not None and time.perf_counter() - start > max_seconds:
             break
+    if profile_dir is not None:
+        with jax.profiler.trace(str(profile_dir)):
+            jax.block_until_ready([call() for _ in range(inner)][-1])
     q1, med, q3 = (float(v) for v in np.percentile(times, [25, 50, 75]))
     return {"median_s": med, "q1_s": q1, "q3_s": q3, "iqr_s": q3 - q1,
             "min_s": float(min(times)), "max_s": float(max(times)),
@@ -251,26 +265,38 @@ def _cost(analysis: Any) -> dict[str, float]:
 
 
 def compile_stats(jitted: Any, *args: Any, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
-    """Lower and compile ``jitted(*args)``; the executable and what XLA says about it.
+    """Trace, lower and compile ``jitted(*args)``; the executable and what is known about it.
 
     Returns:
       ``(compiled, stats)``: call ``compiled(*args)`` to run it without compiling again.
-      ``stats``: ``lower_s``, ``compile_s``; ``xla_flops`` / ``xla_bytes`` (``cost_analysis()``
-      of the lowered, unoptimised program: every convolution and matmul counted, elementwise
-      work too, the FLOPs of all devices for an SPMD program); ``xla_flops_compiled`` (of the
-      optimised program, per device; GPU backends may not count library calls such as cuDNN
+      ``stats``: ``trace_s``, ``lower_s``, ``compile_s``; ``model_flops`` (``scm_jax.flops``
+      of the traced program, all devices) and ``model_flops_bf16`` (the part whose products
+      run in bf16); ``xla_flops`` / ``xla_bytes`` (``cost_analysis()`` of the lowered,
+      unoptimised program: every convolution and matmul counted, elementwise work too, all
+      devices; a ``while`` loop's body once); ``xla_flops_compiled`` (of the optimised
+      program, per device; GPU backends may not count library calls such as cuDNN
       convolutions, so it can be lower); and ``memory_analysis()`` per device:
       ``argument_bytes``, ``output_bytes``, ``alias_bytes``, ``temp_bytes``,
       ``generated_code_bytes``.
     """
+    from scm_jax.flops import jaxpr_flops_split
     from scm_jax.train.aot import MEMORY_FIELDS
 
     t0 = time.perf_counter()
-    lowered = jitted.lower(*args, **kwargs)
+    traced = jitted.trace(*args, **kwargs)
     t1 = time.perf_counter()
-    compiled = lowered.compile()
+    lowered = traced.lower()
     t2 = time.perf_counter()
-    stats: dict[str, Any] = {"lower_s": round(t1 - t0, 3), "compile_s": round(t2 - t1, 3)}
+    compiled = lowered.compile()
+    t3 = time.perf_counter()
+    by_dtype = jaxpr_flops_split(traced.jaxpr, "dtype")
+    by_kind = jaxpr_flops_split(traced.jaxpr, "kind")
+    stats: dict[str, Any] = {
+        "trace_s": round(t1 - t0, 3), "lower_s": round(t2 - t1, 3),
+        "compile_s": round(t3 - t2, 3), "model_flops": sum(by_dtype.values()),
+        "model_flops_bf16": by_dtype.get("bfloat16", 0),
+        "model_flops_batched_matmul": by_kind.get("batched_matmul", 0),
+    }  # fmt: skip
     try:
         lc = _cost(lowered.cost_analysis())
         stats["xla_flops"], stats["xla_bytes"] = lc["flops"], lc["bytes"]
@@ -417,11 +443,33 @@ def add_common_args(parser: argparse.ArgumentParser, name: str) -> None:
     )
     parser.add_argument("--reps", type=int, default=None, help="timed samples per measurement")
     parser.add_argument(
+        "--profile",
+        default=None,
+        metavar="DIR",
+        help="write a jax.profiler trace of the first --profile-rows measurements to DIR/<row>",
+    )
+    parser.add_argument("--profile-rows", type=int, default=1, help="measurements to profile")
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="compile without XLA's optimisations and time little: checks that "
         "the benchmark runs (CI); its times mean nothing",
     )
+
+
+class Profiler:
+    """Which measurements to profile: the first ``rows`` of them, each into ``root/<name>``
+    (``--profile`` / ``--profile-rows``); ``root=None``: none."""
+
+    def __init__(self, root: str | Path | None, rows: int = 1):
+        self.root, self.left = (None if root is None else Path(root)), int(rows)
+
+    def next_dir(self, name: str) -> Path | None:
+        """The folder for the measurement ``name``, or None once ``rows`` have been given."""
+        if self.root is None or self.left <= 0:
+            return None
+        self.left -= 1
+        return self.root / name
 
 
 def resolve_common(args: argparse.Namespace, name: str) -> tuple[bool, Path]:

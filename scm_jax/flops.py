@@ -22,7 +22,7 @@ try:  # jax >= 0.4.36 exposes the jaxpr types under jax.extend
 except ImportError:  # pragma: no cover - older jax
     ClosedJaxpr, Jaxpr = jax_core.ClosedJaxpr, jax_core.Jaxpr
 
-__all__ = ["count_flops", "flops_by_dtype", "flops_by_kind", "jaxpr_flops"]
+__all__ = ["count_flops", "flops_by_dtype", "flops_by_kind", "jaxpr_flops", "jaxpr_flops_split"]
 
 
 def _dot_general_flops(eqn: Any) -> int:
@@ -101,22 +101,31 @@ def jaxpr_flops(jaxpr: Any) -> int:
     return sum(acc.values())
 
 
-def flops_by_dtype(fn: Callable, *args: Any, **kwargs: Any) -> dict[str, int]:
-    """Model FLOPs of ``fn(*args, **kwargs)`` split by the dtype of each product's left operand
-    (``{'bfloat16': ..., 'float32': ...}``): which share of the work a bf16 policy really runs in
-    bf16."""
+_SPLITS = {"dtype": _by_dtype, "kind": _by_kind}
+
+
+def jaxpr_flops_split(jaxpr: Any, by: str) -> dict[str, int]:
+    """:func:`jaxpr_flops` split ``by='dtype'`` (of each product's left operand:
+    ``{'bfloat16': ..., 'float32': ...}``) or ``by='kind'`` (``'conv'``, ``'matmul'``: linear
+    layers, ``'batched_matmul'``: products with batch dimensions, i.e. attention's QK^T and PV).
+    """
+    if by not in _SPLITS:
+        raise ValueError(f"unknown split {by!r}; expected one of {sorted(_SPLITS)}")
     acc: dict[str, int] = {}
-    _walk(jax.make_jaxpr(fn)(*args, **kwargs), 1, acc, _by_dtype)
+    _walk(jaxpr, 1, acc, _SPLITS[by])
     return acc
+
+
+def flops_by_dtype(fn: Callable, *args: Any, **kwargs: Any) -> dict[str, int]:
+    """Model FLOPs of ``fn(*args, **kwargs)`` by dtype (:func:`jaxpr_flops_split`): which share
+    of the work a bf16 policy really runs in bf16."""
+    return jaxpr_flops_split(jax.make_jaxpr(fn)(*args, **kwargs), "dtype")
 
 
 def flops_by_kind(fn: Callable, *args: Any, **kwargs: Any) -> dict[str, int]:
-    """Model FLOPs of ``fn(*args, **kwargs)`` split into ``'conv'``, ``'matmul'`` (linear layers)
-    and ``'batched_matmul'`` (products with batch dimensions: attention's QK^T and PV), to see
-    whether attention matters at a network's sizes."""
-    acc: dict[str, int] = {}
-    _walk(jax.make_jaxpr(fn)(*args, **kwargs), 1, acc, _by_kind)
-    return acc
+    """Model FLOPs of ``fn(*args, **kwargs)`` by kind of product (:func:`jaxpr_flops_split`), to
+    see whether attention matters at a network's sizes."""
+    return jaxpr_flops_split(jax.make_jaxpr(fn)(*args, **kwargs), "kind")
 
 
 def count_flops(fn: Callable, *args: Any, **kwargs: Any) -> int:

@@ -40,7 +40,7 @@ def suite_runs(tmp_path_factory):
     for name in SCRIPTS:
         path = out / f"{name}.json"
         cmd = [sys.executable, str(REPO / "benchmarks" / f"{name}.py"), "--cpu", "--quick",
-               "--out", str(path)]  # fmt: skip
+               "--out", str(path), "--profile", str(out / "profiles" / name)]  # fmt: skip
         procs[name] = (subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, text=True), path)  # fmt: skip
     t0 = time.time()
@@ -107,8 +107,13 @@ def test_sampling_cpu_version(suite_runs):
     kinds = {(r["kind"], r["steps"]) for r in data["rows"]}
     assert {("consistency", 1), ("consistency", 2), ("teacher", 0)} <= kinds
     assert ("consistency+decoder", 2) in kinds
+    F = data["config"]["forward_gflops_per_sample"]
     for r in data["rows"]:
         assert _positive(r["median_s"]) and _positive(r["model_gflops"]) and _mfu_ok(r["mfu"])
+        if r["kind"] in ("consistency", "teacher", "api"):  # traced: every step of the loop
+            assert r["model_gflops"] == pytest.approx(
+                r["nfe_per_sample"] * F * r["batch"], rel=0.02
+            )
     teacher = next(r for r in data["rows"] if r["kind"] == "teacher")
     assert teacher["nfe_per_sample"] == 2 * data["config"]["teacher_nfe"]  # CFG: doubled
     assert data["speedups"]
@@ -122,6 +127,20 @@ def test_sampling_cpu_version(suite_runs):
                     "does not exist yet")  # fmt: skip
 def test_peer_torch_cpu_version(suite_runs):
     _record(suite_runs, "peer_torch")
+
+
+@pytest.mark.slow
+def test_profiles_of_the_first_measurements_are_summarised(suite_runs, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from profile_summary import format_summary, summarize
+
+    root = suite_runs["jvp_overhead"][2].parent / "profiles"
+    for name in SCRIPTS:
+        traces = sorted((root / name).rglob("*.trace.json.gz"))
+        assert traces, f"{name} wrote no profile"
+    s = summarize(traces[0])
+    assert s["event_us"] > 0 and 0 < s["busy_us"] <= s["span_us"] * 1.001
+    assert "by category" in format_summary(s)
 
 
 @pytest.mark.slow
