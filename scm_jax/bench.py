@@ -316,7 +316,8 @@ def compile_stats(jitted: Any, *args: Any, **kwargs: Any) -> tuple[Any, dict[str
 
 def device_memory() -> dict[str, int] | None:
     """The first device's allocator statistics (GPU / TPU): ``bytes_in_use``,
-    ``peak_bytes_in_use`` (since the process started) and ``bytes_limit``; None on CPUs."""
+    ``peak_bytes_in_use`` (the largest since the process started, not since the last call:
+    the first row of a size is the one to read) and ``bytes_limit``; None on CPUs."""
     stats = jax.devices()[0].memory_stats()
     if not stats:
         return None
@@ -333,18 +334,18 @@ def is_oom(exc: BaseException) -> bool:
 
 def run_guarded(measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """``measure()``; an out-of-memory error becomes ``{'status': 'oom', 'error': ...}`` (and
-    the caches are cleared so the next measurement starts clean); success adds
-    ``'status': 'ok'``. Other errors propagate."""
+    the caches are cleared once the error, whose traceback holds the measurement's arrays, is
+    gone, so the next measurement starts clean); success adds ``'status': 'ok'``. Other errors
+    propagate."""
     try:
-        row = measure()
+        return {"status": "ok", **measure()}
     except Exception as e:
         if not is_oom(e):
             raise
         row = {"status": "oom", "error": f"{type(e).__name__}: {str(e)[:300]}"}
-        jax.clear_caches()
-        gc.collect()
-        return row
-    return {"status": "ok", **row}
+    jax.clear_caches()
+    gc.collect()
+    return row
 
 
 @dataclasses.dataclass
