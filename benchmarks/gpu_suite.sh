@@ -4,13 +4,13 @@
 #   bash benchmarks/gpu_suite.sh [OUT_DIR]      # default: $OUT if set, else benchmarks/results
 #
 # Parts, each a script with its own wall-clock budget (seconds, overridable by the variables
-# below): it starts no measurement that would not fit, and `timeout` stops it 30 s after the
+# below): it starts no measurement that would not fit, and `timeout` stops it 20 s after the
 # budget in any case, so a slow part cannot eat the others' time. Every script rewrites its JSON
 # after each row, so a stopped part keeps what it measured ("complete": false).
 #
-#   jvp_overhead  JVP_BUDGET_S    (80)   forward vs jax.jvp, sizes s, xl, xxl, ... bf16 (+ f32)
-#   train_step    TRAIN_BUDGET_S  (220)  the real donated train step, S and XL first, MFU
-#   sampling      SAMPLE_BUDGET_S (130)  XXL 1/2-step vs the teacher's Heun (NFE 63 x 2 CFG),
+#   jvp_overhead  JVP_BUDGET_S    (70)   forward vs jax.jvp, sizes s, xl, xxl, ... bf16 (+ f32)
+#   train_step    TRAIN_BUDGET_S  (200)  the real donated train step, S and XL first, MFU
+#   sampling      SAMPLE_BUDGET_S (120)  XXL 1/2-step vs the teacher's Heun (NFE 63 x 2 CFG),
 #                                        batch 1/64/256, with the SD-VAE-sized decoder
 #   peer_torch    PEER_BUDGET_S   (60)   the PyTorch peer (issue 9's scm_jax.torch): runs when
 #                                        benchmarks/peer_torch.py exists
@@ -60,7 +60,7 @@ part() { # name budget_s script [args...]
     shift 2
     echo "== $name (budget ${budget} s) ==" | tee -a "$LOG"
     # shellcheck disable=SC2086  # EXTRA_ARGS: several words
-    timeout --kill-after=10 $((budget + 30)) "$PY" "$@" --budget-s "$budget" \
+    timeout --kill-after=5 $((budget + 20)) "$PY" "$@" --budget-s "$budget" \
         --out "$OUT_DIR/${name}_gpu.json" --profile "$PROFILES/$name" ${EXTRA_ARGS:-} 2>&1 |
         tee -a "$LOG"
     echo "== $name: exit ${PIPESTATUS[0]} ==" | tee -a "$LOG"
@@ -68,9 +68,9 @@ part() { # name budget_s script [args...]
 
 for name in ${PARTS:-jvp_overhead train_step sampling peer_torch}; do
     case $name in
-    jvp_overhead) part "$name" "${JVP_BUDGET_S:-80}" benchmarks/jvp_overhead.py ;;
-    train_step) part "$name" "${TRAIN_BUDGET_S:-220}" benchmarks/train_step.py ;;
-    sampling) part "$name" "${SAMPLE_BUDGET_S:-130}" benchmarks/sampling.py ;;
+    jvp_overhead) part "$name" "${JVP_BUDGET_S:-70}" benchmarks/jvp_overhead.py ;;
+    train_step) part "$name" "${TRAIN_BUDGET_S:-200}" benchmarks/train_step.py ;;
+    sampling) part "$name" "${SAMPLE_BUDGET_S:-120}" benchmarks/sampling.py ;;
     peer_torch)
         if [ -f benchmarks/peer_torch.py ]; then
             part "$name" "${PEER_BUDGET_S:-60}" benchmarks/peer_torch.py

@@ -10,10 +10,12 @@ float32 parameters, random weights) is jitted twice: its forward F_theta(x_t / s
 and ``scm_jax.losses.tangent_jvp`` -- the one JVP of the stop-gradient network that sCT and sCD
 compute, parameters closed over (symbolic-zero tangents), tangents (cos t sin t dx_t/dt,
 cos t sin t sigma_d). Both take the parameters as arguments. Reported: median time per call of
-each, their ratio (target on an H100 in bf16: <= 2.2), the model-FLOP ratio (``scm_jax.flops``:
-2.00-2.01), XLA's ``cost_analysis()`` FLOPs of both programs, achieved TFLOP/s, the forward's
-MFU, and the share of the FLOPs in attention's products (whether a flash-attention kernel
-could matter). Writes ``benchmarks/results/jvp_overhead_<platform>.json`` (or ``--out``).
+each, their ratio (target on an H100 in bf16: <= 2.2; also the median of the ratios of
+interleaved samples, ``time_ratio_paired``, robust to a machine's changing load), the
+model-FLOP ratio (``scm_jax.flops``: 2.00-2.01), XLA's ``cost_analysis()`` FLOPs of both
+programs, achieved TFLOP/s, the forward's MFU, and the share of the FLOPs in attention's
+products (whether a flash-attention kernel could matter). Writes
+``benchmarks/results/jvp_overhead_<platform>.json`` (or ``--out``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from scm_jax import bench
 from scm_jax.flops import jaxpr_flops_split
@@ -63,23 +66,30 @@ def measure(size: str, dtype: str, batch: int, reps: int, profile: Path | None =
 
     row: dict = {"size": size, "dtype": dtype, "batch": batch,
                  "params": int(sum(a.size for a in jax.tree.leaves(params)))}  # fmt: skip
-    for name, fn, args in (("forward", forward, (params, x_t, t, labels, guidance)),
-                           ("jvp", jvp, (params, x_t, t, dx_dt, labels, guidance))):  # fmt: skip
-        compiled, stats = bench.compile_stats(jax.jit(fn), *args)
-        pdir = None if profile is None else profile / name
-        timing = bench.time_calls(lambda c=compiled, a=args: c(*a), warmup=2, reps=reps,
-                                  inner=3 if size != "smoke" else 5, max_seconds=20,
-                                  profile_dir=pdir)  # fmt: skip
+    programs = {"forward": (forward, (params, x_t, t, labels, guidance)),
+                "jvp": (jvp, (params, x_t, t, dx_dt, labels, guidance))}  # fmt: skip
+    calls, all_stats = {}, {}
+    for name, (fn, args) in programs.items():
+        compiled, all_stats[name] = bench.compile_stats(jax.jit(fn), *args)
+        calls[name] = lambda c=compiled, a=args: c(*a)
+    # Interleaved samples: forward, JVP, forward, JVP, ... (a fair ratio on a loaded machine).
+    inner = 3 if size != "smoke" else 5
+    timings = bench.time_interleaved(calls, warmup=2, reps=reps, inner=inner, max_seconds=30,
+                                     profile_dir=profile)  # fmt: skip
+    for name, timing in timings.items():
+        stats = all_stats[name]
         flops = stats["model_flops"]  # scm_jax.flops of the traced program
-        # attention's QK^T and PV are the products with batch dimensions
-        row[f"{name}_attention_flop_share"] = stats["model_flops_batched_matmul"] / flops
         row.update({
             f"{name}_s": timing["median_s"], f"{name}_iqr_s": timing["iqr_s"],
             f"{name}_samples": timing["samples"],
             f"{name}_model_gflops": flops / 1e9, f"{name}_xla_gflops": _g(stats["xla_flops"]),
+            # attention's QK^T and PV are the products with batch dimensions
+            f"{name}_attention_flop_share": stats["model_flops_batched_matmul"] / flops,
             f"{name}_compile_s": stats["compile_s"], f"{name}_temp_bytes": stats["temp_bytes"],
             f"{name}_tflops_per_s": flops / timing["median_s"] / 1e12,
         })  # fmt: skip
+    pairs = zip(timings["jvp"]["times_s"], timings["forward"]["times_s"], strict=True)
+    row["time_ratio_paired"] = float(np.median([j / f for j, f in pairs]))
     row["time_ratio"] = row["jvp_s"] / row["forward_s"]
     row["model_flop_ratio"] = row["jvp_model_gflops"] / row["forward_model_gflops"]
     if row["forward_xla_gflops"] and row["jvp_xla_gflops"]:
@@ -98,6 +108,7 @@ COLUMNS = [
     ("size", "size", ""), ("dtype", "dtype", ""), ("batch", "batch", "d"),
     ("forward ms", "forward_ms", ".2f"), ("JVP ms", "jvp_ms", ".2f"),
     ("JVP / forward (time)", "time_ratio", ".2f"),
+    ("paired", "time_ratio_paired", ".2f"),
     ("JVP / forward (model FLOPs)", "model_flop_ratio", ".3f"),
     ("JVP / forward (XLA FLOPs)", "xla_flop_ratio", ".3f"),
     ("forward TFLOP/s", "forward_tflops_per_s", ".3g"), ("forward MFU", "forward_mfu", ".1%"),
@@ -170,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick and not args.dtypes:
         dtypes = ["float32"]
     batch = args.batch or (CPU_BATCH if small else GPU_BATCH)
-    reps = args.reps or (2 if args.quick else 5 if small else 20)
+    reps = args.reps or (2 if args.quick else 15 if small else 20)
     budget = bench.Budget(args.budget_s)
     prof = bench.Profiler(args.profile, args.profile_rows)
     res = bench.Results(out, NAME, "python " + " ".join(sys.argv), {

@@ -3,9 +3,10 @@
   python benchmarks/profile_summary.py DIR [--top 25] [--json FILE]
 
 Reads every ``*.trace.json.gz`` (Chrome trace format, written beside the XProf ``.xplane.pb``)
-under DIR and, per trace, sums the durations of the device's events: by category (convolution,
-matrix product, fused elementwise / reduction, copy / transpose, collective, other; from the
-kernel or XLA operation name), and the ``--top`` operations. It also reports the device's busy
+under DIR and, per trace, sums the durations of the device's events (XLA's operations, where
+the trace names them with ``hlo_op``): by category (convolution, matrix product, fused
+elementwise / reduction, copy / transpose, collective, other; from the kernel or XLA
+operation name), and the ``--top`` operations. It also reports the device's busy
 time (union of its events) over the trace's span on it: a low share means the device waits on
 the host (launches, syncs). GPU traces have ``/device:GPU:N`` processes; a CPU trace has only
 host threads, summarised the same way (XLA's CPU work runs on them). The full interactive view:
@@ -24,9 +25,10 @@ from typing import Any
 
 CATEGORIES = (  # first match wins; matched against the operation's and kernel's names
     ("collective", r"all-reduce|all-gather|reduce-scatter|all-to-all|nccl|collective"),
-    ("convolution", r"conv|fprop|dgrad|wgrad|implicit_gemm|xmma_fprop|cudnn"),
+    ("convolution", r"conv(?!ert)|fprop|dgrad|wgrad|implicit_gemm|cudnn"),
     ("matmul", r"gemm|dot|matmul|cublas|cutlass|triton_gemm|wgmma"),
     ("copy/transpose", r"copy|memcpy|memset|transpose|dynamic-update-slice"),
+    ("XNNPACK (CPU: conv / matmul)", r"ynn_|xnn"),
     ("fusion/elementwise", r"fusion|loop_|reduce|broadcast|add|multiply|select|convert|exp"),
 )
 
@@ -62,10 +64,10 @@ def summarize(path: Path, top: int = 25) -> dict[str, Any]:
     by_op: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     cats: dict[str, float] = defaultdict(float)
     intervals = []
-    for e in events:
-        if e.get("ph") != "X" or e.get("pid") not in pids or "dur" not in e:
-            continue
-        if not device and str(e.get("name", "")).startswith("$"):  # Python frames
+    timed = [e for e in events if e.get("ph") == "X" and e.get("pid") in pids and "dur" in e]
+    xla_ops = [e for e in timed if "hlo_op" in (e.get("args") or {})]
+    for e in xla_ops or timed:  # XLA's operations where the trace names them (not runtime)
+        if str(e.get("name", "")).startswith("$"):  # Python frames
             continue
         args = e.get("args", {}) or {}
         op = str(args.get("hlo_op") or args.get("long_name") or e.get("name", "?"))

@@ -148,6 +148,8 @@ def measure(
     (``scm_jax.flops``, which multiplies a scan's body by its length).
     """
     n = latency_reps if batch == 1 else reps  # batch-1 latency: many calls
+    if kind == "teacher":  # 63 guided steps: a few calls at batch 1, one at larger batches
+        n = reps if batch == 1 else 1
     if kind == "api":
         call = suite.api_call(steps)
         stats: dict[str, Any] = {}
@@ -246,13 +248,19 @@ def main(argv: list[str] | None = None) -> None:
         "network": "configs/imagenet512.py sCD student (guidance input) and teacher, random "
         "weights, float32 parameters",
     })  # fmt: skip
-    longest = 0.0
+    longest = 0.0  # the longest non-teacher measurement so far (mostly its compilation)
     for kind, steps, batch in plan:
         key = {"kind": kind, "steps": steps, "batch": batch}
-        # The teacher runs ~30-60x longer than one consistency call; guess from the forward.
-        need = 1.2 * longest * (40 if kind == "teacher" and batch > 1 else 1)
+        need = 1.2 * longest
+        if kind == "teacher":  # a compilation, then calls of 2 x nfe forwards each
+            one = [r for r in res.rows if r.get("status") == "ok" and r["kind"] == "consistency"
+                   and r["steps"] == 1 and r["batch"] == batch]  # fmt: skip
+            calls = 1 + (reps if batch == 1 else 1)
+            per_call = 2 * suite.teacher.nfe(teacher_steps) * (one[0]["median_s"] if one else 0)
+            need = longest + calls * per_call
         if not budget.allows(need):
-            res.add({**key, "status": "skipped", "reason": f"budget: {budget.left():.0f} s left"})
+            why = f"budget: {budget.left():.0f} s left, ~{need:.0f} s needed"
+            res.add({**key, "status": "skipped", "reason": why})
             continue
         t1 = time.perf_counter()
         pdir = prof.next_dir(f"{kind}_{steps}_{batch}".replace("+", "_"))

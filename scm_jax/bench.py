@@ -55,6 +55,7 @@ __all__ = [
     "run_guarded",
     "suite_config",
     "time_calls",
+    "time_interleaved",
 ]
 
 RESULTS_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
@@ -232,28 +233,46 @@ def time_calls(
 
     Returns:
       ``{'median_s', 'q1_s', 'q3_s', 'iqr_s', 'min_s', 'max_s'}`` per call (a sample's time
-      / inner), ``'samples'`` and ``'inner'``.
+      / inner), ``'samples'``, ``'inner'`` and ``'times_s'`` (every sample, per call).
     """
+    return time_interleaved({"": call}, warmup=warmup, reps=reps, inner=inner,
+                            max_seconds=max_seconds, profile_dir=profile_dir)[""]  # fmt: skip
+
+
+def time_interleaved(
+    calls: Mapping[str, Callable[[], Any]], *, warmup: int = 1, reps: int = 5, inner: int = 1,
+    max_seconds: float | None = None, profile_dir: str | Path | None = None,
+) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """:func:`time_calls` of several calls, their samples taken in turn (sample i of each,
+    then sample i + 1), so that a machine's changing load affects all alike: the ratio of two
+    medians, or the median of per-sample ratios, is then fair. ``profile_dir``: one more
+    sample of each, under ``profile_dir/<name>``. Returns ``{name: timing}``."""
     for _ in range(warmup):
-        jax.block_until_ready(call())
-    times: list[float] = []
+        for call in calls.values():
+            jax.block_until_ready(call())
+    times: dict[str, list[float]] = {name: [] for name in calls}
     start = time.perf_counter()
     for _ in range(max(1, reps)):
-        t0 = time.perf_counter()
-        out = None
-        for _ in range(inner):
-            out = call()
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) / inner)
+        for name, call in calls.items():
+            t0 = time.perf_counter()
+            out = None
+            for _ in range(inner):
+                out = call()
+            jax.block_until_ready(out)
+            times[name].append((time.perf_counter() - t0) / inner)
         if max_seconds is not None and time.perf_counter() - start > max_seconds:
             break
     if profile_dir is not None:
-        with jax.profiler.trace(str(profile_dir)):
-            jax.block_until_ready([call() for _ in range(inner)][-1])
-    q1, med, q3 = (float(v) for v in np.percentile(times, [25, 50, 75]))
-    return {"median_s": med, "q1_s": q1, "q3_s": q3, "iqr_s": q3 - q1,
-            "min_s": float(min(times)), "max_s": float(max(times)),
-            "samples": len(times), "inner": inner}  # fmt: skip
+        for name, call in calls.items():
+            with jax.profiler.trace(str(Path(profile_dir) / name)):
+                jax.block_until_ready([call() for _ in range(inner)][-1])
+    out: dict[str, dict[str, Any]] = {}
+    for name, ts in times.items():
+        q1, med, q3 = (float(v) for v in np.percentile(ts, [25, 50, 75]))
+        out[name] = {"median_s": med, "q1_s": q1, "q3_s": q3, "iqr_s": q3 - q1,
+                     "min_s": float(min(ts)), "max_s": float(max(ts)), "samples": len(ts),
+                     "inner": inner, "times_s": ts}  # fmt: skip
+    return out
 
 
 def _cost(analysis: Any) -> dict[str, float]:

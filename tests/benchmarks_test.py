@@ -77,6 +77,7 @@ def _mfu_ok(v):
 def test_jvp_overhead_cpu_version(suite_runs):
     for r in _record(suite_runs, "jvp_overhead")["rows"]:
         assert _positive(r["forward_s"]) and _positive(r["jvp_s"])
+        assert _positive(r["time_ratio_paired"])
         assert r["time_ratio"] == pytest.approx(r["jvp_s"] / r["forward_s"])
         # JAX's JVP with closed-over parameters: one extra product per layer (docs).
         assert 1.95 < r["model_flop_ratio"] < 2.2
