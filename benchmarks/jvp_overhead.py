@@ -1,6 +1,6 @@
 """JVP overhead: the time of sCM's ``jax.jvp`` (primal + tangent) over the time of a forward.
 
-  python benchmarks/jvp_overhead.py                    # GPU: sizes s, xl, xxl, xs, m, l (budget)
+  python benchmarks/jvp_overhead.py                    # GPU: S, XL, XXL bf16, ... (budget)
   python benchmarks/jvp_overhead.py --cpu              # CPU: the 16x16 smoke network
   python benchmarks/jvp_overhead.py --sizes s,xl --dtypes bfloat16,float32 --batch 32
   python benchmarks/jvp_overhead.py --flops-only      # any machine: traced FLOPs of every size
@@ -36,7 +36,12 @@ from scm_jax.losses import tangent_jvp
 from scm_jax.networks import EDM2_CHANNELS, build_network
 
 NAME = "jvp_overhead"
-GPU_SIZES = ("s", "xl", "xxl", "xs", "m", "l")  # in priority order under a budget
+# (size, compute dtype) in priority order under a budget: S and XL in bf16 first, then XXL,
+# float32 where it shows what bf16 gains, then the other sizes.
+GPU_PLAN = (
+    ("s", "bfloat16"), ("xl", "bfloat16"), ("xxl", "bfloat16"), ("s", "float32"),
+    ("xl", "float32"), ("xs", "bfloat16"), ("m", "bfloat16"), ("l", "bfloat16"),
+)  # fmt: skip
 GPU_BATCH = 32
 CPU_SIZES = ("smoke",)
 CPU_BATCH = 8
@@ -176,34 +181,35 @@ def main(argv: list[str] | None = None) -> None:
     if args.flops_only:
         return flops_only(args)
     small, out = bench.resolve_common(args, NAME)
-    sizes = args.sizes.split(",") if args.sizes else list(CPU_SIZES if small else GPU_SIZES)
     dtypes = args.dtypes.split(",") if args.dtypes else ["bfloat16", "float32"]
     if args.quick and not args.dtypes:
         dtypes = ["float32"]
+    if args.sizes or small:
+        sizes = args.sizes.split(",") if args.sizes else list(CPU_SIZES)
+        plan = [(s, d) for s in sizes for d in dtypes]
+    else:
+        plan = [(s, d) for s, d in GPU_PLAN if d in dtypes]
     batch = args.batch or (CPU_BATCH if small else GPU_BATCH)
     reps = args.reps or (2 if args.quick else 15 if small else 20)
     budget = bench.Budget(args.budget_s)
     prof = bench.Profiler(args.profile, args.profile_rows)
     res = bench.Results(out, NAME, "python " + " ".join(sys.argv), {
-        "sizes": sizes, "dtypes": dtypes, "batch": batch, "reps": reps, "small": small,
+        "plan": plan, "batch": batch, "reps": reps, "small": small,
         "budget_s": args.budget_s, "quick": args.quick,
         "network": "configs/imagenet512.py sCD student with the guidance input, random weights, "
         "float32 parameters",
     })  # fmt: skip
     longest = 0.0
-    for size in sizes:
-        for dtype in dtypes:
-            if not small and dtype == "float32" and size not in ("s", "xl"):
-                continue  # float32 only where it shows the bf16 gain, to save budget
-            if not budget.allows(1.5 * longest):
-                res.add({"size": size, "dtype": dtype, "batch": batch, "status": "skipped",
-                         "reason": f"budget: {budget.left():.0f} s left"})  # fmt: skip
-                continue
-            t0 = time.perf_counter()
-            pdir = prof.next_dir(f"{size}_{dtype}")
-            row = bench.run_guarded(functools.partial(measure, size, dtype, batch, reps, pdir))
-            res.add({"size": size, "dtype": dtype, "batch": batch, **row})
-            longest = max(longest, time.perf_counter() - t0)
+    for size, dtype in plan:
+        if not budget.allows(1.5 * longest):
+            res.add({"size": size, "dtype": dtype, "batch": batch, "status": "skipped",
+                     "reason": f"budget: {budget.left():.0f} s left"})  # fmt: skip
+            continue
+        t0 = time.perf_counter()
+        pdir = prof.next_dir(f"{size}_{dtype}")
+        row = bench.run_guarded(functools.partial(measure, size, dtype, batch, reps, pdir))
+        res.add({"size": size, "dtype": dtype, "batch": batch, **row})
+        longest = max(longest, time.perf_counter() - t0)
     res.finish()
     print(table(res.rows))
 
