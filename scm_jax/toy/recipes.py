@@ -1,11 +1,11 @@
-"""The reference toy experiments on the 8-component ring mixture, evaluated against the exact flow
-map and the data. Shared by the tests and the benchmarks:
+"""The reference toy experiments on Gaussian mixtures, evaluated against the exact flow map and
+the data. Shared by the tests and the benchmarks:
 
-* :func:`run`: a small MP-MLP trained by sCD (exact teacher) or sCT from scratch
-  (``tests/toy_training_test.py``, ``benchmarks/toy_gmm.py``);
+* :func:`run`: a small MP-MLP trained by sCD (exact teacher) or sCT from scratch on the
+  8-component ring (``tests/toy_training_test.py``, ``benchmarks/toy_gmm.py``);
 * :func:`run_distill`: sCD, DMD (with or without DMD's regression term) and rCM from the same
-  diffusion-pretrained network, at an equal number of generator updates
-  (``tests/toy_dmd_test.py``, ``benchmarks/toy_dmd_rcm.py``).
+  diffusion-pretrained network, at an equal number of generator updates, on the ring or the
+  25-mode grid (:data:`MIXTURES`; ``tests/toy_dmd_test.py``, ``benchmarks/toy_dmd_rcm.py``).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ MLP = {"arch": "mlp", "data_dim": 2, "hidden": 128, "depth": 4, "emb_channels": 
 SMALL_MLP = {**MLP, "hidden": 16, "depth": 1}
 FIT = {"sigma_d": SIGMA_D, "batch_size": 256, "lr": 2e-3, "P_mean": -1.0, "P_std": 1.6}
 STEPS = {"scd": 1500, "sct": 3000}
+MIXTURES = {"ring": gmm_lib.ring_mixture, "grid": gmm_lib.grid_mixture}
 
 # Distillation comparison: every student and critic starts from a diffusion model of its own
 # architecture (PRETRAIN_STEPS, the teacher's proposal -0.8/1.6); the teacher is the exact field.
@@ -72,26 +73,29 @@ def run(objective: str, steps: int | None = None, seed: int = 0, **evaluate: Any
             "model": MLP, "fit": FIT, "final_loss": float(res.losses[-50:].mean())}  # fmt: skip
 
 
-def pretrain(model: dict[str, Any] = MLP, steps: int = PRETRAIN_STEPS, seed: int = 100) -> Any:
-    """The EMA network of a diffusion model of ``model`` on the ring (the students' start)."""
+def pretrain(
+    model: dict[str, Any] = MLP, mixture: str = "ring", steps: int = PRETRAIN_STEPS, seed: int = 100
+) -> Any:
+    """The EMA network of a diffusion model of ``model`` on ``MIXTURES[mixture]`` (the start of
+    the students and critics)."""
     res = fit(
-        "diffusion", build_network(model), gmm_lib.ring_mixture(), jax.random.key(seed),
+        "diffusion", build_network(model), MIXTURES[mixture](), jax.random.key(seed),
         steps=steps, ema_halflife_steps=steps / 20, chunk=250, **{**FIT, "P_mean": -0.8},
     )  # fmt: skip
     return res.ema_params["net"]
 
 
 def run_distill(
-    name: str, init_net: Any, model: dict[str, Any] = MLP, steps: int = DISTILL_STEPS,
-    seed: int = 0, num_samples: int = 8192,
+    name: str, init_net: Any, model: dict[str, Any] = MLP, mixture: str = "ring",
+    steps: int = DISTILL_STEPS, seed: int = 0, num_samples: int = 8192,
 ) -> dict:  # fmt: skip
-    """Distil the exact teacher with ``DISTILL[name]`` from ``init_net`` (:func:`pretrain` of
-    ``model``) and evaluate the EMA student.
+    """Distil the exact teacher of ``MIXTURES[mixture]`` with ``DISTILL[name]`` from ``init_net``
+    (:func:`pretrain` of ``model`` on that mixture) and evaluate the EMA student.
 
     Returns :func:`evaluate_consistency_model`'s and :func:`evaluate_modes`' metrics plus
-    ``name``, ``seed``, ``steps``, ``train_seconds``, ``final_loss`` and the settings.
+    ``name``, ``mixture``, ``seed``, ``steps``, ``train_seconds``, ``final_loss`` and the settings.
     """
-    mixture = gmm_lib.ring_mixture()
+    mixture_name, mixture = mixture, MIXTURES[mixture]()
     nd = build_network(model)
     recipe = DISTILL[name]
     options = {k: v for k, v in recipe.items() if k != "objective"}
@@ -107,6 +111,6 @@ def run_distill(
     kw = {"sigma_d": SIGMA_D, "num_samples": num_samples}
     metrics = evaluate_consistency_model(nd.apply_fn, params, mixture, key, **kw)
     metrics.update(evaluate_modes(nd.apply_fn, params, mixture, jax.random.fold_in(key, 1), **kw))
-    return {**metrics, "name": name, "seed": seed, "steps": steps, "recipe": options,
-            "train_seconds": res.seconds, "final_loss": float(res.losses[-50:].mean()),
-            "model": model, "fit": FIT}  # fmt: skip
+    return {**metrics, "name": name, "mixture": mixture_name, "seed": seed, "steps": steps,
+            "recipe": options, "train_seconds": res.seconds, "model": model, "fit": FIT,
+            "final_loss": float(res.losses[-50:].mean())}  # fmt: skip
