@@ -141,13 +141,17 @@ def test_student_rollout_unrolls_the_sampler_with_gradient_through_the_last_step
 
 @pytest.mark.parametrize("objective", ["dmd", "rcm"])
 def test_ttur_counts_critic_and_generator_updates(objective):
-    """k critic updates and one generator update per step; the step counts generator updates."""
+    """k critic updates and one generator update per step; the step counts generator updates
+    (rCM with 2-step rollouts; DMD with the regression term)."""
     nd = build_network({"arch": "mlp", "data_dim": 2, "hidden": 16, "depth": 1,
                         "emb_channels": 16, "weight_channels": 16, "sigma_d": SIGMA_D})  # fmt: skip
     k, steps = 3, 2
     tx, schedule = make_optimizer("adam", 1e-3, batch_size=8)
     critic_tx, _ = make_optimizer("adam", 1e-3, batch_size=8 / k)
     options = DMDOptions(critic_updates=k, generator_steps=2, weight=0.01, rollout="random")
+    if objective == "dmd":  # with DMD's regression term on a fixed pool of 4 noises
+        options = DMDOptions(critic_updates=k, regression_weight=0.25, regression_steps=2,
+                             regression_batch=4, regression_pairs=4)  # fmt: skip
     ema = {"power_std": (), "halflife_kimg": 0.1}
     step = jax.jit(make_dmd_train_step(
         nd, tx, schedule, critic_tx, objective=objective, options=options, sigma_d=SIGMA_D,
@@ -164,3 +168,4 @@ def test_ttur_counts_critic_and_generator_updates(objective):
     assert float(values["critic_skipped"]) == 0.0 and float(values["nonfinite_steps"]) == 0.0
     assert math.isfinite(float(values["critic_loss"])) and math.isfinite(float(values["loss"]))
     assert ("tangent_norm" in values) == (objective == "rcm")
+    assert ("regression_loss" in values) == (objective == "dmd")
