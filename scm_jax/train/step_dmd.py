@@ -238,18 +238,9 @@ def make_dmd_train_step(
                                         sigma_d, x0.dtype)  # fmt: skip
 
         def loss_fn(p):
-            return diffusion_loss(
-                apply_fn,
-                critic_weight_fn,
-                p,
-                x_gen,
-                eps,
-                t,
-                sigma_d=sigma_d,
-                labels=labels,
-                guidance=guidance,
-                key=drop_keys(k_drop, b),
-            )[0]
+            drop = drop_keys(k_drop, b)
+            return diffusion_loss(apply_fn, critic_weight_fn, p, x_gen, eps, t, sigma_d=sigma_d,
+                                  labels=labels, guidance=guidance, key=drop)[0]  # fmt: skip
 
         loss, grads = jax.value_and_grad(loss_fn)(critic["params"])
         g_norm = optax.tree_utils.tree_norm(grads)
