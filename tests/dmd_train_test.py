@@ -172,9 +172,11 @@ def test_dmd_config_values_and_errors():
 def test_mnist_dmd_from_a_teacher_and_its_sampler(tmp_path):
     """`configs/mnist.py:objective=dmd` trains from a teacher run; load_sampler and `scm-jax
     sample` give 1- and 2-step digits (a DMD student samples like a consistency model)."""
+    small = {"train.sample_grid": 4, "train.teacher_sample_steps": 2}  # cheap preview grids
     teacher = tmp_path / "teacher"
-    train(smoke_config("mnist:smoke,objective=diffusion"), teacher, log=quiet)
-    cfg = smoke_config("mnist:smoke,objective=dmd", **{"teacher.workdir": str(teacher)})
+    train(smoke_config("mnist:smoke,objective=diffusion", **small), teacher, log=quiet)
+    cfg = smoke_config("mnist:smoke,objective=dmd", **small, **{"teacher.workdir": str(teacher),
+                       "dmd.critic_updates": 2})  # fmt: skip
     lines: list[str] = []
     out = train(cfg, tmp_path / "dmd", log=lines.append)
     assert out["step"] == 2 and any("student initialised from the teacher" in ln for ln in lines)
