@@ -141,7 +141,7 @@ def load_ema_params(
 
 
 def load_teacher(config: Any, mesh: Mesh) -> Teacher:
-    """The teacher a sCD config asks for.
+    """The teacher a sCD, DMD or rCM config asks for.
 
     Raises:
       ValueError: no teacher configured (the message says how to train one), a teacher that is
@@ -151,19 +151,22 @@ def load_teacher(config: Any, mesh: Mesh) -> Teacher:
     if t_cfg.get("kind", "") == "exact_gmm":
         from scm_jax.toy.gmm import GaussianMixture, teacher_apply_fn
 
-        gmm = GaussianMixture.from_dict(config.dataset)
+        gmm = GaussianMixture.from_dict(
+            {k: config.dataset[k] for k in ("means", "stds", "weights")}
+        )
         return Teacher(teacher_apply_fn(gmm, config.trigflow.sigma_d), None, None, "exact_gmm")
+    name = {"scd": "sCD", "dmd": "DMD", "rcm": "rCM"}.get(config.objective, config.objective)
     if not t_cfg.workdir:
         raise ValueError(
-            "sCD needs a teacher: set --config.teacher.workdir=DIR to the workdir of a diffusion "
-            "run of the same architecture, trained with `scm-jax train --config "
+            f"{name} needs a teacher: set --config.teacher.workdir=DIR to the workdir of a "
+            "diffusion run of the same architecture, trained with `scm-jax train --config "
             "<config>:objective=diffusion --workdir DIR`"
         )
     run_cfg = load_run_config(t_cfg.workdir)
     if run_cfg.get("objective") != "diffusion":
         raise ValueError(
             f"the teacher in {t_cfg.workdir} was trained with objective "
-            f"{run_cfg.get('objective')!r}; sCD distils a diffusion model (objective=diffusion)"
+            f"{run_cfg.get('objective')!r}; {name} distils a diffusion model (objective=diffusion)"
         )
     params, run_cfg, name = load_ema_params(
         t_cfg.workdir, config.model, mesh, sigma_rel=float(t_cfg.get("ema_std", 0.0) or 0.0),
