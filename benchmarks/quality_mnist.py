@@ -51,8 +51,12 @@ COMMON = ["--config.batch_size=32", "--config.train.log_every_kimg=3.2",
 RECIPES: dict[str, dict[str, Any]] = {
     "teacher": {
         "config": "mnist:size=s,objective=diffusion",
-        "overrides": [*COMMON, "--config.total_kimg=128", "--config.ema.halflife_kimg=4",
-                      "--config.optim.lr_ref_kimg=6.4"],  # fmt: skip
+        "overrides": [
+            *COMMON,
+            "--config.total_kimg=128",
+            "--config.ema.halflife_kimg=4",
+            "--config.optim.lr_ref_kimg=6.4",
+        ],
         "after": [],
     },
     "scd": {
@@ -62,8 +66,12 @@ RECIPES: dict[str, dict[str, Any]] = {
     },
     "sct": {  # sCM initialises sCT from the teacher too (reference §1.3); lr as for sCD
         "config": "mnist:size=s,objective=sct",
-        "overrides": [*COMMON, "--config.total_kimg=32", f"--config.init_from={TEACHER}",
-                      "--config.optim.lr=1e-3"],  # fmt: skip
+        "overrides": [
+            *COMMON,
+            "--config.total_kimg=32",
+            f"--config.init_from={TEACHER}",
+            "--config.optim.lr=1e-3",
+        ],
         "after": ["teacher"],
     },
     "dmd": {
@@ -190,8 +198,9 @@ def stage_eval(name: str, num: int, force: bool) -> None:
     out = WORK / f"eval_{name}.json"
     argv = ["eval", "--workdir", str(RUNS / name), "--ref", str(REF), "--num", str(num),
             "--inception", str(inception_weights()), "--json-out", str(out)]  # fmt: skip
-    argv += ["--teacher-nfe", str(TEACHER_NFE)] if name == "teacher" else ["--steps",
-                                                                            EVAL_STEPS[name]]
+    argv += (
+        ["--teacher-nfe", str(TEACHER_NFE)] if name == "teacher" else ["--steps", EVAL_STEPS[name]]
+    )
     seconds = _run("eval_" + name, argv)
     result = json.loads(out.read_text())
     rows = [{k: r[k] for k in ("setting", "nfe", "fid", "num", "sampling_seconds",
@@ -227,8 +236,11 @@ def table() -> str:
         for r in ev["rows"]:
             if name == "teacher":
                 teacher_fid = r["fid"]
-            ratio = "1" if name == "teacher" else (
-                f"{r['fid'] / teacher_fid:.2f}" if teacher_fid else "")
+            ratio = (
+                "1"
+                if name == "teacher"
+                else (f"{r['fid'] / teacher_fid:.2f}" if teacher_fid else "")
+            )
             per_1k = 1000 * r["sampling_seconds"] / r["num"]
             kimg = f"{seen:g}" if name == "teacher" else f"{seen:g} (+ teacher's)"
             lines.append(f"| {name} | {r['setting']} | {r['nfe']} | {r['fid']:.2f} | {ratio} | "
