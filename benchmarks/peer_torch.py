@@ -52,8 +52,10 @@ NAME = "peer_torch"
 # batches; XL at 16 in case both frameworks' XL steps at 32 do not fit on one device together.
 GPU_PLAN = (("s", "scd_cfg", 64), ("xl", "scd_cfg", 32), ("s", "scd", 64), ("xl", "scd", 32),
             ("xl", "scd_cfg", 16))  # fmt: skip
-CPU_PLAN = (("smoke", "scd_cfg", 8), ("smoke", "scd", 8))
-VARIANTS = ("eager", "compile", "eager_channels_last")
+CPU_PLAN = (("smoke", "scd_cfg", 8),)  # --objectives scd_cfg,scd for both (inductor: minutes)
+# The cheap variants first: a budget cuts torch.compile's (long) compilation, not them.
+VARIANTS = ("eager", "eager_channels_last", "compile")
+SECONDS = 30  # of interleaved step samples per variant (then half as long for forward / JVP)
 
 
 def _nontrivial(params: Any) -> Any:
@@ -237,7 +239,6 @@ def measure(
     cuda = jax.default_backend() == "gpu" and torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    t_build = time.perf_counter()
     pair = build_pair(size, objective, per_device, args.dtype, device)
     common = {"size": size, "objective": objective, "per_device": per_device, **pair["common"]}
     if "step" not in pair:
@@ -245,7 +246,7 @@ def measure(
             why = f"float32 forward / loss / gradient beyond {TOLERANCE}"
             res.add({**common, "variant": v, "status": "mismatch", "reason": why})
         return
-    longest = time.perf_counter() - t_build
+    longest = 0.0  # the first variant of a built pair always runs: a budget cuts later ones
     for variant in args.variants:
         backend = args.compile_backend if variant == "compile" else None
         row = {**common, "variant": variant, "compile_backend": backend}
@@ -283,10 +284,11 @@ def _time_variant(steps: dict, parts: dict, batch: int, reps: int, inner: int, c
         out[f"{name}_first_call_s"] = round(time.perf_counter() - t0, 3)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    ts = bench.time_interleaved(steps, warmup=2, reps=reps, inner=inner, max_seconds=60,
-                                profile_dir=profile)  # fmt: skip
+    # Sampling stops after SECONDS (at least one sample): a GPU's times are steady, XL's long.
+    ts = bench.time_interleaved(steps, warmup=2, reps=reps, inner=inner, max_seconds=SECONDS)
     losses = (float(steps["jax"]()[1]), float(steps["torch"]().value[0]))
-    tf = bench.time_interleaved(parts, warmup=2, reps=reps, inner=inner, max_seconds=30)
+    tf = bench.time_interleaved(parts, warmup=2, reps=reps, inner=inner,
+                                max_seconds=SECONDS / 2)  # fmt: skip
     jax_s, torch_s = ts["jax"]["median_s"], ts["torch"]["median_s"]
     out.update({
         "jax_step_s": jax_s, "jax_step_iqr_s": ts["jax"]["iqr_s"], "torch_step_s": torch_s,
@@ -308,6 +310,12 @@ def _time_variant(steps: dict, parts: dict, batch: int, reps: int, inner: int, c
     if cuda:
         out["torch_peak_bytes"] = int(torch.cuda.max_memory_allocated())
     out["jax_device_memory"] = bench.device_memory()
+    if profile is not None:  # the JAX step (jax.profiler; PyTorch's kernels are not its to trace)
+        try:
+            bench.time_calls(steps["jax"], warmup=0, reps=1, inner=inner,
+                             profile_dir=profile / "jax")  # fmt: skip
+        except Exception as e:  # a profiler that fails does not lose the timings
+            out["profile_error"] = f"{type(e).__name__}: {str(e)[:200]}"
     return out
 
 
@@ -375,7 +383,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = str(args.jax_memory_fraction)
     small, out = bench.resolve_common(args, NAME)
-    if small:  # a shared CPU: OpenMP threads that spin while waiting slow PyTorch down 5-10x
+    if small:  # a shared CPU: OpenMP threads that spin while they wait slow PyTorch down
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         import torch
@@ -401,8 +409,8 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         raise SystemExit(f"unknown --variants {unknown}; expected some of {list(VARIANTS)}")
     args.compile_backend = args.compile_backend or "inductor"
-    reps = args.reps or (2 if args.quick else 5 if small else 10)
-    inner = 1 if args.quick else 2 if small else 3
+    reps = args.reps or (2 if args.quick else 5 if small else 8)
+    inner = 1 if args.quick else 2
     budget = bench.Budget(args.budget_s)
     prof = bench.Profiler(args.profile, args.profile_rows)
     res = bench.Results(out, NAME, "python " + " ".join(sys.argv), {
