@@ -12,8 +12,10 @@
 #   train_step    TRAIN_BUDGET_S  (200)  the real donated train step, S and XL first, MFU
 #   sampling      SAMPLE_BUDGET_S (120)  XXL 1/2-step vs the teacher's Heun (NFE 63 x 2 CFG),
 #                                        batch 1/64/256, with the SD-VAE-sized decoder
-#   peer_torch    PEER_BUDGET_S   (60)   the PyTorch peer (issue 9's scm_jax.torch): runs when
-#                                        benchmarks/peer_torch.py exists
+#   peer_torch    PEER_BUDGET_S   (60)   the PyTorch peer: JAX vs PyTorch sCD step, S then XL;
+#                                        60 s holds little of it (compiles, parity check): for
+#                                        its full plan run it alone, PARTS=peer_torch
+#                                        PEER_BUDGET_S=540 (docs/performance.md)
 #
 # PARTS="sampling train_step" runs only those parts; XLA_FLAGS from the environment are kept
 # (and recorded in every result's meta), so a flag is compared by running the suite twice.
@@ -72,12 +74,7 @@ for name in ${PARTS:-jvp_overhead train_step sampling peer_torch}; do
     train_step) part "$name" "${TRAIN_BUDGET_S:-200}" benchmarks/train_step.py ;;
     sampling) part "$name" "${SAMPLE_BUDGET_S:-120}" benchmarks/sampling.py ;;
     peer_torch)
-        if [ -f benchmarks/peer_torch.py ]; then
-            part "$name" "${PEER_BUDGET_S:-60}" benchmarks/peer_torch.py
-        else
-            echo "== peer_torch: not run (benchmarks/peer_torch.py does not exist yet: issue 9) ==" |
-                tee -a "$LOG"
-        fi
+        part "$name" "${PEER_BUDGET_S:-60}" benchmarks/peer_torch.py
         ;;
     *) echo "unknown part $name (jvp_overhead, train_step, sampling, peer_torch)" | tee -a "$LOG" ;;
     esac

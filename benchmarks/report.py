@@ -5,8 +5,8 @@
 
 Each file names its benchmark (``"benchmark"``); the table comes from that script's ``table``
 function, under a heading with the device, jax version, date, load average and command.
-Suite scripts: ``jvp_overhead``, ``train_step``, ``sampling``, and the PyTorch peer
-``peer_torch`` once it exists (its module must define ``table(rows) -> str`` too).
+Suite scripts: ``jvp_overhead``, ``train_step``, ``sampling`` and the PyTorch peer
+``peer_torch`` (each module defines ``table(rows) -> str``).
 """
 
 from __future__ import annotations

@@ -78,12 +78,20 @@ def _forward_flops(size: str, dtype: str) -> int:
     return network_flops(nd, nd.abstract_params(), ("forward",))["forward"]
 
 
-def measure(
-    size: str, objective: str, per_device: int, remat: str, dtype: str, reps: int, inner: int,
-    dropout: float | None, profile: Path | None = None,
+def build_step(
+    size: str, objective: str, per_device: int, remat: str, dtype: str, dropout: float | None,
+    init_net: Any = None, teacher_net: Any = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """Compile and time one training step; see the module docstring for the keys
-    (``profile``: a folder for a ``jax.profiler`` trace of ``inner`` steps)."""
+    """Compile the training step of one size and objective on every device, state in place.
+
+    ``init_net`` / ``teacher_net``: the student's and sCD teacher's network parameters
+    (default: random, as ``init_state`` / ``NetworkDef.init`` draw them).
+
+    Returns:
+      ``{'call', 'stats', 'cfg', 'nd', 'box', 'x0', 'labels', 'teacher'}``: ``call()`` runs one
+      donating step (the state lives in ``box[0]``) and returns ``(step, loss)``; ``stats`` are
+      ``bench.compile_stats``; ``x0`` / ``labels`` the device-resident batch every step gets.
+    """
     devices = jax.device_count()
     cfg = bench.suite_config(size, objective, dtype=dtype, batch_size=per_device * devices,
                              remat=remat, dropout=dropout)  # fmt: skip
@@ -95,15 +103,22 @@ def measure(
     step_fn = aot.train_step_from_config(cfg, nd, teacher_fn, mesh=mesh, tx=tx,
                                          schedule=schedule)  # fmt: skip
 
-    def make_state(key: jax.Array) -> Any:
-        return init_state(nd, tx, key, **aot.ema_options(cfg))
+    def make_state(key: jax.Array, *init: Any) -> Any:
+        return init_state(nd, tx, key, init_net=init[0] if init else None, **aot.ema_options(cfg))
 
-    state, shardings = create_sharded_state(make_state, mesh, jax.random.key(0), rules=rules)
+    init = () if init_net is None else (init_net,)
+    state, shardings = create_sharded_state(make_state, mesh, jax.random.key(0), *init,
+                                            rules=rules)  # fmt: skip
     teacher = None
     if teacher_abstract is not None:
-        t_nd = build_network(aot.teacher_model_config(cfg.model))
         t_shard = state_shardings(teacher_abstract, mesh, rules)
-        teacher = jax.jit(lambda k: t_nd.init(k)["net"], out_shardings=t_shard)(jax.random.key(2))
+        if teacher_net is not None:
+            teacher = jax.device_put(teacher_net, t_shard)
+        else:
+            t_nd = build_network(aot.teacher_model_config(cfg.model))
+            teacher = jax.jit(lambda k: t_nd.init(k)["net"], out_shardings=t_shard)(
+                jax.random.key(2)
+            )
     xs = batch_sharding(mesh, rules)
     b = int(cfg.batch_size)
     x0 = jax.device_put(0.5 * jax.random.normal(jax.random.key(1), (b, *nd.sample_shape)), xs)
@@ -118,14 +133,33 @@ def measure(
         box[0], values = compiled(box[0], x0, labels, teacher)
         return box[0].step, values["loss"]
 
+    return {"call": call, "stats": stats, "cfg": cfg, "nd": nd, "box": box, "x0": x0,
+            "labels": labels, "teacher": teacher}  # fmt: skip
+
+
+def flop_counts(size: str, objective: str, dtype: str, stats: dict[str, Any], batch: int) -> dict:
+    """Model FLOPs per sample of a compiled step: the convention's k F and as traced."""
+    k = bench.OBJECTIVES[objective][2]
+    return {"k": k, "convention": k * _forward_flops(size, dtype),
+            "traced": stats["model_flops"] / batch,
+            "bf16_share": stats["model_flops_bf16"] / max(stats["model_flops"], 1)}  # fmt: skip
+
+
+def measure(
+    size: str, objective: str, per_device: int, remat: str, dtype: str, reps: int, inner: int,
+    dropout: float | None, profile: Path | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Compile and time one training step; see the module docstring for the keys
+    (``profile``: a folder for a ``jax.profiler`` trace of ``inner`` steps)."""
+    built = build_step(size, objective, per_device, remat, dtype, dropout)
+    call, stats, cfg, box = built["call"], built["stats"], built["cfg"], built["box"]
+    devices = jax.device_count()
+    b = int(cfg.batch_size)
     t0 = time.perf_counter()
     timing = bench.time_calls(call, warmup=2, reps=reps, inner=inner, max_seconds=30,
                               profile_dir=profile)  # fmt: skip
     loss = float(call()[1])
-    k = bench.OBJECTIVES[objective][2]
-    flops = {"k": k, "convention": k * _forward_flops(size, dtype),
-             "traced": stats["model_flops"] / b,
-             "bf16_share": stats["model_flops_bf16"] / max(stats["model_flops"], 1)}  # fmt: skip
+    flops = flop_counts(size, objective, dtype, stats, b)
     step_s = timing["median_s"]
     row = {
         "params": int(sum(a.size for a in jax.tree.leaves(box[0].params["net"]))),

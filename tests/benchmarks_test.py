@@ -9,6 +9,7 @@ records' structure and arithmetic are what is checked.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -25,7 +26,8 @@ from scm_jax import bench
 from scm_jax.networks.vae_decoder import SDVAEDecoder, init_random, raw_latents
 
 SCRIPTS = ["jvp_overhead", "train_step", "sampling"]
-if (REPO / "benchmarks" / "peer_torch.py").exists():  # issue 9's PyTorch peer, once written
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+if HAS_TORCH:  # the PyTorch peer needs the torch extra
     SCRIPTS.append("peer_torch")
 
 
@@ -124,10 +126,23 @@ def test_sampling_cpu_version(suite_runs):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif("peer_torch" not in SCRIPTS, reason="benchmarks/peer_torch.py (issue 9) "
-                    "does not exist yet")  # fmt: skip
+@pytest.mark.skipif(not HAS_TORCH, reason="needs PyTorch (pip install 'scm-jax[torch]')")
 def test_peer_torch_cpu_version(suite_runs):
-    _record(suite_runs, "peer_torch")
+    data = _record(suite_runs, "peer_torch")
+    assert {r["variant"] for r in data["rows"]} == {"eager"}  # --quick: the eager step only
+    for r in data["rows"]:
+        # float32 parity of the two steps before timing: forward, loss, whole gradient
+        assert r["check_ok"] and r["check_grad_tensors"] > 10
+        assert r["check_forward_err"] < 1e-4 and r["check_loss_err"] < 1e-4
+        assert r["check_grad_err"] < 1e-4
+        assert _positive(r["jax_step_s"]) and _positive(r["torch_step_s"])
+        assert r["speedup"] == pytest.approx(r["torch_step_s"] / r["jax_step_s"])
+        assert r["torch_images_per_s"] == pytest.approx(r["batch"] / r["torch_step_s"])
+        assert r["losses_finite"] and _positive(r["speedup_paired"])
+        # closed-over parameters: JAX's JVP adds one product per layer, torch.func.jvp two
+        assert 1.95 < r["jax_jvp_flop_ratio"] < 2.2 and 2.9 < r["torch_jvp_flop_ratio"] < 3.1
+        assert r["jax_forward_gflops"] == pytest.approx(r["torch_forward_gflops"], rel=1e-3)
+        assert _positive(r["jax_jvp_ratio"]) and _positive(r["torch_jvp_ratio"])
 
 
 @pytest.mark.slow

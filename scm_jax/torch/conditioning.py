@@ -33,6 +33,15 @@ def _fourier(x: Tensor, freqs: Tensor, phases: Tensor) -> Tensor:
     return math.sqrt(2) * torch.cos(args)
 
 
+def c_noise(t: Tensor, mode: str, sigma_d: float, scale: float = 1.0) -> Tensor:
+    """c_noise(t) in at least float32: ``scale * t`` (mode ``'t'``) or EDM's ln(sigma_d tan t) / 4
+    (``'edm'``), as ``scm_jax.networks.embeddings.c_noise``."""
+    t = t.to(torch.float64 if t.dtype == torch.float64 else torch.float32)
+    if mode == "t":
+        return scale * t
+    return torch.log(sigma_d * torch.tan(t)) / 4
+
+
 def batch_values(v: Tensor | float, batch: int, device: Any, name: str) -> Tensor:
     """A scalar or ``(B,)`` float (time, guidance scale) as a float ``(B,)`` tensor."""
     v = torch.as_tensor(v, device=device)
@@ -102,11 +111,8 @@ class ConditionEmbedding(nn.Module):
             self.emb_label = MPConv(num_classes, emb_channels, dtype=dtype)
 
     def c_noise(self, t: Tensor) -> Tensor:
-        """c_noise(t) in at least float32: ``scale * t`` or EDM's ln(sigma_d tan t) / 4."""
-        t = t.to(torch.float64 if t.dtype == torch.float64 else torch.float32)
-        if self.c_noise_mode == "t":
-            return self.c_noise_scale * t
-        return torch.log(self.sigma_d * torch.tan(t)) / 4
+        """c_noise(t) in at least float32 (:func:`c_noise`)."""
+        return c_noise(t, self.c_noise_mode, self.sigma_d, self.c_noise_scale)
 
     def label_vectors(self, labels: Tensor | None, batch: int, like: Tensor) -> Tensor:
         """``(B, K)`` float vectors of int labels (-1 = null), one-hot/soft floats, or None."""

@@ -31,7 +31,7 @@ def normalize(x: Tensor, dim: int | Sequence[int], eps: float = _NORM_EPS) -> Te
     """x / (eps + ||x|| / sqrt(n)) over ``dim`` (EDM2 Eq. 66), n the number of reduced elements;
     computed in at least float32 and returned in x's dtype."""
     dims = (dim,) if isinstance(dim, int) else tuple(dim)
-    n = math.prod(x.shape[d] for d in dims)
+    n = math.prod([x.shape[d] for d in dims])
     xf = x.to(_norm_dtype(x.dtype))
     norm = torch.sqrt((xf * xf).sum(dim=dims, keepdim=True) + _SQRT_FLOOR)
     return (xf / (eps + norm / math.sqrt(n))).to(x.dtype)
