@@ -44,7 +44,8 @@ REF = WORK / "mnist_test_stats.npz"
 
 # The recipes: config, overrides and what a run starts from. Sizes and budgets are chosen for
 # CPU hours, not taken from the paper (docs/results.md says so); every student sees the same
-# number of images (16 kimg, 500 steps of 32) so that sCD, sCT, DMD and rCM are compared at an equal budget.
+# number of images (16 kimg, 500 steps of 32), so sCD, sCT, DMD and rCM are compared at an
+# equal budget.
 TEACHER = RUNS / "teacher"
 COMMON = ["--config.batch_size=32", "--config.train.log_every_kimg=3.2",
           "--config.train.ckpt_every_kimg=6.4", "--config.train.sample_every_kimg=0"]  # fmt: skip
