@@ -3,7 +3,7 @@ students, and FID of each against the official MNIST test set (issue 12, docs/re
 
   python benchmarks/quality_mnist.py ref                  # FID statistics of the 10k test digits
   python benchmarks/quality_mnist.py train teacher        # then: scd, sct, dmd, rcm
-  python benchmarks/quality_mnist.py eval teacher         # FID of one run (--num, default 5000)
+  python benchmarks/quality_mnist.py eval teacher         # FID of one run (--num, default 2000)
   python benchmarks/quality_mnist.py grids                # 2-step / teacher sample grids (docs)
   python benchmarks/quality_mnist.py table                # JSON + the markdown table
   python benchmarks/quality_mnist.py all                  # every stage not yet done, in order
@@ -253,7 +253,12 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("stage", choices=["ref", "train", "eval", "grids", "table", "all"])
     parser.add_argument("name", nargs="?", choices=ORDER)
-    parser.add_argument("--num", type=int, default=5000, help="samples per setting (5000)")
+    parser.add_argument(
+        "--num",
+        type=int,
+        default=2000,
+        help="samples per setting (2000; Inception runs ~3 img/s on 2 CPU cores)",
+    )
     parser.add_argument("--force", action="store_true", help="rerun a finished stage")
     args = parser.parse_args(argv)
     if args.stage in ("train", "eval") and not args.name:
