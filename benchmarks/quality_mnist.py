@@ -44,9 +44,13 @@ REF = WORK / "mnist_test_stats.npz"
 
 # The recipes: config, overrides and what a run starts from. Sizes and budgets are chosen for
 # CPU hours, not taken from the paper (docs/results.md says so); every student sees the same
-# number of images (16 kimg, 500 steps of 32), so sCD, sCT, DMD and rCM are compared at an
-# equal budget.
+# number of images (STUDENT_KIMG, 250 steps of 32), so sCD, sCT, DMD and rCM are compared at an
+# equal budget. On 2 CPU cores a teacher step takes ~2 s, an sCD step ~6 s, a DMD / rCM step
+# 4-6x an sCD step (benchmarks/results/quality_mnist.json records each stage's wall time).
+TEACHER_KIMG = 64
+STUDENT_KIMG = 8
 TEACHER = RUNS / "teacher"
+FROM_TEACHER = [f"--config.total_kimg={STUDENT_KIMG}", f"--config.teacher.workdir={TEACHER}"]
 COMMON = ["--config.batch_size=32", "--config.train.log_every_kimg=3.2",
           "--config.train.ckpt_every_kimg=6.4", "--config.train.sample_every_kimg=0"]  # fmt: skip
 RECIPES: dict[str, dict[str, Any]] = {
@@ -54,7 +58,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "config": "mnist:size=s,objective=diffusion",
         "overrides": [
             *COMMON,
-            "--config.total_kimg=128",
+            f"--config.total_kimg={TEACHER_KIMG}",
             "--config.ema.halflife_kimg=4",
             "--config.optim.lr_ref_kimg=6.4",
         ],
@@ -62,14 +66,14 @@ RECIPES: dict[str, dict[str, Any]] = {
     },
     "scd": {
         "config": "mnist:size=s,objective=scd",
-        "overrides": [*COMMON, "--config.total_kimg=16", f"--config.teacher.workdir={TEACHER}"],
+        "overrides": [*COMMON, *FROM_TEACHER],
         "after": ["teacher"],
     },
     "sct": {  # sCM initialises sCT from the teacher too (reference §1.3); lr as for sCD
         "config": "mnist:size=s,objective=sct",
         "overrides": [
             *COMMON,
-            "--config.total_kimg=16",
+            f"--config.total_kimg={STUDENT_KIMG}",
             f"--config.init_from={TEACHER}",
             "--config.optim.lr=1e-3",
         ],
@@ -77,12 +81,12 @@ RECIPES: dict[str, dict[str, Any]] = {
     },
     "dmd": {
         "config": "mnist:size=s,objective=dmd",
-        "overrides": [*COMMON, "--config.total_kimg=16", f"--config.teacher.workdir={TEACHER}"],
+        "overrides": [*COMMON, *FROM_TEACHER],
         "after": ["teacher"],
     },
     "rcm": {
         "config": "mnist:size=s,objective=rcm",
-        "overrides": [*COMMON, "--config.total_kimg=16", f"--config.teacher.workdir={TEACHER}"],
+        "overrides": [*COMMON, *FROM_TEACHER],
         "after": ["teacher"],
     },
 }
