@@ -1,0 +1,472 @@
+"""Config validation at start-up: every problem of a config at once, one line each.
+
+:func:`problems` checks a resolved config in three passes and returns one line per problem:
+
+1. **fields**: each key of each known section against the table :data:`SECTIONS` (type, range or
+   choice); a key that a known section does not have is a problem too (a typo in a config file;
+   ml-collections already refuses unknown ``--config.a.b`` overrides). Top-level sections that no
+   table knows are left alone, so a newer objective's section does not make this module refuse
+   a config; it registers its own table with :func:`register_section`.
+2. **relations** between fields (:data:`RELATIONS`): t_mid in (0, t_max), the batch over the
+   micro-batches, the data's shape against the network, a teacher for sCD, ... New objectives add
+   theirs with :func:`register_relation`.
+3. **paths** (unless ``check_paths=False``): the files a run reads exist (``dataset.path``,
+   ``teacher.workdir``, ``init_from``, ``evals.ref``, ``evals.inception``).
+
+:func:`validate` raises one :class:`ConfigError` (a ValueError) listing them all. ``scm-jax
+train`` calls it before it builds anything (no compilation, no data loading); ``scm-jax config
+--check`` prints the result. What needs the devices (the batch over data x fsdp devices, mesh
+sizes against the device count) is checked where the mesh is built (``scm_jax.sharding``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from scm_jax import configlib
+
+Check = Callable[[Any], "str | None"]  # value -> what is wrong with it, or None
+Relation = Callable[[Mapping[str, Any], bool], "list[str]"]  # (config, check_paths) -> problems
+
+EMA_STD_MAX = 12**-0.5  # EDM2's power-function EMA needs sigma_rel < 1/sqrt(12)
+RUN_CONFIG = "config.json"  # scm_jax.train.workdir.CONFIG_FILE (not imported: no jax here)
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; ``problems`` holds one line per problem."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        if len(self.problems) == 1:
+            text = self.problems[0]
+        else:
+            text = f"{len(self.problems)} problems in the config:\n  " + "\n  ".join(self.problems)
+        super().__init__(text)
+
+
+# ------------------------------------------------------------------------------------- checks
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def integer(lo: int | None = None, hi: int | None = None) -> Check:
+    """An int (not a bool) in [lo, hi]."""
+
+    def check(v: Any) -> str | None:
+        if not _is_int(v):
+            return f"must be an integer, not {type(v).__name__}"
+        if lo is not None and v < lo:
+            return f"must be >= {lo}"
+        if hi is not None and v > hi:
+            return f"must be <= {hi}"
+        return None
+
+    return check
+
+
+def real(
+    gt: float | None = None, ge: float | None = None, lt: float | None = None
+) -> Check:  # fmt: skip
+    """A finite number with the given bounds (> gt, >= ge, < lt)."""
+
+    def check(v: Any) -> str | None:
+        if not _is_real(v):
+            return f"must be a number, not {type(v).__name__}"
+        if not math.isfinite(v):
+            return "must be finite"
+        lo = (gt is not None and v <= gt) or (ge is not None and v < ge)
+        if lo or (lt is not None and v >= lt):
+            left = f"> {gt:g}" if gt is not None else f">= {ge:g}" if ge is not None else ""
+            right = f"< {lt:g}" if lt is not None else ""
+            return "must be " + " and ".join(p for p in (left, right) if p)
+        return None
+
+    return check
+
+
+def boolean() -> Check:
+    """True or False."""
+    return lambda v: None if isinstance(v, bool) else f"must be True or False, not {v!r}"
+
+
+def text() -> Check:
+    """A string (paths and names)."""
+    return lambda v: None if isinstance(v, str) else f"must be a string, not {type(v).__name__}"
+
+
+def one_of(choices: Iterable[Any] | Callable[[], Iterable[Any]]) -> Check:
+    """One of ``choices`` (a callable is read at check time: lists other modules extend)."""
+
+    def check(v: Any) -> str | None:
+        options = tuple(choices() if callable(choices) else choices)
+        return None if v in options else f"must be one of {', '.join(map(repr, options))}"
+
+    return check
+
+
+def sequence(item: Check, *, nonempty: bool = False) -> Check:
+    """A list or tuple whose items pass ``item``."""
+
+    def check(v: Any) -> str | None:
+        if not isinstance(v, list | tuple):
+            return f"must be a list or tuple, not {type(v).__name__}"
+        if nonempty and not v:
+            return "must not be empty"
+        bad = [(i, msg) for i, x in enumerate(v) if (msg := item(x))]
+        return f"item {bad[0][0]} {bad[0][1]}" if bad else None
+
+    return check
+
+
+def anything() -> Check:
+    """No constraint here (a relation or the consumer checks it)."""
+    return lambda v: None
+
+
+def mesh_size() -> Check:
+    """A mesh axis size: >= 1, or -1 to fill with the remaining devices."""
+    return lambda v: None if _is_int(v) and (v >= 1 or v == -1) else "must be an integer >= 1 or -1"
+
+
+def sharding_rules() -> Check:
+    """``(logical name, mesh axes)`` pairs (``scm_jax.sharding.check_rules``)."""
+
+    def check(v: Any) -> str | None:
+        from scm_jax.sharding import check_rules
+
+        try:
+            check_rules(v)
+        except (ValueError, TypeError) as e:
+            return str(e)
+        return None
+
+    return check
+
+
+# A key with a leading '?' is optional (not every config has it).
+SECTIONS: dict[str, dict[str, Check]] = {
+    "dataset": {
+        "name": text(), "source": one_of(configlib.DATA_SOURCES), "path": text(),
+        "tfds_name": text(), "tfds_data_dir": text(), "split": text(),
+        "shape": sequence(integer(1), nonempty=True), "num_classes": integer(0),
+        "flip": boolean(), "num_examples": integer(0), "latent_mean": sequence(real()),
+        "latent_std": sequence(real(gt=0)), "?means": sequence(sequence(real())),
+        "?stds": sequence(real(gt=0)), "?weights": sequence(real(gt=0)),
+    },
+    "model": {  # keys of either architecture; which apply is checked by build_network
+        "arch": one_of(lambda: _networks().ARCHS), "?size": text(), "?num_classes": integer(0),
+        "?dropout": real(ge=0, lt=1), "?label_dropout": real(ge=0, lt=1),
+        "?guidance_input": boolean(), "?sigma_d": real(gt=0), "?c_noise_scale": real(gt=0),
+        "?dtype": one_of(lambda: _networks()._DTYPES), "?param_dtype": one_of(
+            lambda: _networks()._DTYPES), "?remat": one_of(lambda: _networks().REMAT_POLICIES),
+        "?weight_channels": integer(2), "?img_resolution": integer(1),
+        "?img_channels": integer(1), "?model_channels": integer(1),
+        "?channel_mult": sequence(integer(1), nonempty=True), "?num_blocks": integer(1),
+        "?attn_resolutions": sequence(integer(1)), "?channels_per_head": integer(1),
+        "?dropout_max_res": integer(0), "?data_dim": integer(1), "?hidden": integer(2),
+        "?depth": integer(1), "?emb_channels": integer(2),
+    },
+    "trigflow": {"sigma_d": real(gt=0), "sigma_max": real(gt=0), "t_mid": real(gt=0),
+                 "P_mean": real(), "P_std": real(gt=0)},
+    "loss": {
+        "tangent_c": real(gt=0), "tangent_norm": one_of(lambda: _losses().TANGENT_NORMS),
+        "tangent_warmup_steps": integer(0), "warmup_form": one_of(lambda: _losses().WARMUP_FORMS),
+        "adaptive_weighting": boolean(), "mask_nonfinite": boolean(),
+    },
+    "teacher": {"workdir": text(), "guidance_min": real(ge=0), "guidance_max": real(ge=0),
+                "?kind": one_of(("", "exact_gmm")), "?ema_std": real(ge=0, lt=EMA_STD_MAX)},
+    "optim": {
+        "name": one_of(lambda: _optim().OPTIMIZER_MOMENTS), "lr": real(gt=0),
+        "b1": real(ge=0, lt=1), "b2": real(ge=0, lt=1), "eps": real(gt=0),
+        "lr_ref_kimg": real(ge=0), "lr_rampup_kimg": real(ge=0), "grad_clip": real(ge=0),
+    },
+    "ema": {"halflife_kimg": real(ge=0), "power_std": sequence(real(gt=0, lt=EMA_STD_MAX))},
+    "train": {
+        "log_every_kimg": real(ge=0), "ckpt_every_kimg": real(ge=0),
+        "keep_checkpoints": integer(1), "sample_every_kimg": real(ge=0),
+        "sample_grid": integer(1), "teacher_sample_steps": integer(1),
+        "prefetch_batches": integer(1), "micro_batches": integer(1),
+        "max_consecutive_nonfinite": integer(0),
+    },
+    "evals": {
+        "every_kimg": real(ge=0), "steps": sequence(integer(1)), "num": integer(2),
+        "ref": text(), "inception": text(), "batch_size": integer(0), "teacher_nfe": integer(0),
+        "seed": integer(0),
+    },
+    "mesh": {
+        "data": mesh_size(), "fsdp": mesh_size(), "tensor": mesh_size(),
+        "dcn_data": integer(1), "dcn_fsdp": integer(1), "dcn_tensor": integer(1),
+        "rules": sharding_rules(),
+    },
+}  # fmt: skip
+# Top-level fields (not sections).
+FIELDS: dict[str, Check] = {
+    "objective": one_of(lambda: configlib.OBJECTIVES), "batch_size": integer(1),
+    "total_kimg": real(gt=0), "seed": integer(0), "init_from": text(),
+}  # fmt: skip
+
+
+def _networks():
+    import scm_jax.networks as networks
+
+    return networks
+
+
+def _losses():
+    import scm_jax.losses.common as common
+
+    return common
+
+
+def _optim():
+    import scm_jax.optim as optim
+
+    return optim
+
+
+def register_section(name: str, checks: Mapping[str, Check]) -> None:
+    """Add (or extend) the table of a section, e.g. a new objective's ``dmd`` options."""
+    SECTIONS.setdefault(name, {}).update(checks)
+
+
+def register_relation(relation: Relation) -> Relation:
+    """Add a cross-field rule ``(config, check_paths) -> [problem, ...]`` (usable as decorator)."""
+    RELATIONS.append(relation)
+    return relation
+
+
+def _field_problems(cfg: Mapping[str, Any]) -> list[str]:
+    out: list[str] = []
+    for key, check in FIELDS.items():
+        if key not in cfg:
+            out.append(f"{key}: missing")
+        elif msg := check(cfg[key]):
+            out.append(f"{key}={cfg[key]!r}: {msg}")
+    for section, table in SECTIONS.items():
+        if section not in cfg:
+            if all(k.startswith("?") for k in table):
+                continue
+            out.append(f"{section}: missing section")
+            continue
+        values = cfg[section]
+        if not isinstance(values, Mapping):
+            out.append(f"{section}: must be a section (a dict), not {type(values).__name__}")
+            continue
+        known = {k.lstrip("?"): (check, k.startswith("?")) for k, check in table.items()}
+        allowed = set(known)
+        if section == "model":  # the keys are the architecture's (scm_jax.networks)
+            allowed = _model_keys(values.get("arch"), allowed)
+        for key, (check, optional) in known.items():
+            if key not in values:
+                if not optional:
+                    out.append(f"{section}.{key}: missing")
+            elif msg := check(values[key]):
+                out.append(f"{section}.{key}={values[key]!r}: {msg}")
+        unknown = sorted(set(values) - allowed)
+        if unknown:
+            names = ", ".join(f"{section}.{k}" for k in unknown)
+            out.append(f"unknown key(s) {names}; known: {', '.join(sorted(allowed))}")
+    return out
+
+
+def _model_keys(arch: Any, table_keys: set[str]) -> set[str]:
+    """The keys a ``model`` section of ``arch`` may have (``build_network``'s rule); all keys
+    of the table while the arch itself is unknown (its own problem is reported)."""
+    networks = _networks()
+    cls = networks.ARCHS.get(arch) if isinstance(arch, str) else None
+    if cls is None:
+        return table_keys
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name", "remat_blocks"}
+    return fields | set(networks._NON_NET_KEYS)
+
+
+# ---------------------------------------------------------------------------------- relations
+
+
+def _ok(cfg: Mapping[str, Any], *paths: str) -> bool:
+    """Whether the dotted fields exist and passed their own checks (relations skip the rest)."""
+    for path in paths:
+        node: Any = cfg
+        for part in path.split("."):
+            if not isinstance(node, Mapping) or part not in node:
+                return False
+            node = node[part]
+        section, _, key = path.rpartition(".")
+        table = SECTIONS.get(section, {}) if section else FIELDS
+        check = table.get(key) or table.get(f"?{key}")
+        if check is not None and check(node):
+            return False
+    return True
+
+
+def _times(cfg: Mapping[str, Any], check_paths: bool) -> list[str]:
+    if not _ok(cfg, "trigflow.t_mid", "trigflow.sigma_max", "trigflow.sigma_d"):
+        return []
+    tf = cfg["trigflow"]
+    t_max = math.atan(tf["sigma_max"] / tf["sigma_d"])
+    if tf["t_mid"] >= t_max:
+        return [f"trigflow.t_mid={tf['t_mid']!r}: must be in (0, t_max) = (0, {t_max:.5f}) "
+                "(t_max = arctan(sigma_max / sigma_d))"]  # fmt: skip
+    return []
+
+
+def _batch(cfg: Mapping[str, Any], check_paths: bool) -> list[str]:
+    if not _ok(cfg, "batch_size", "train.micro_batches"):
+        return []
+    b, k = cfg["batch_size"], cfg["train"]["micro_batches"]
+    if b % k:
+        return [f"batch_size={b} is not divisible by train.micro_batches={k}; choose "
+                "micro_batches that divide the batch (docs/training.md#memory-levers)"]  # fmt: skip
+    return []
+
+
+def _data_and_network(cfg: Mapping[str, Any], check_paths: bool) -> list[str]:
+    out: list[str] = []
+    if not _ok(cfg, "dataset.shape", "model.arch"):
+        return out
+    shape, model = tuple(cfg["dataset"]["shape"]), cfg["model"]
+    keys = ("img_resolution", "img_channels") if model["arch"] == "edm2_unet" else ("data_dim",)
+    if all(_ok(cfg, f"model.{k}") and k in model for k in keys):
+        if model["arch"] == "edm2_unet":
+            want = (model["img_resolution"], model["img_resolution"], model["img_channels"])
+        else:
+            want = (model["data_dim"],)
+        if shape != want:
+            out.append(f"dataset.shape={shape} but the network takes {want} (model."
+                       f"{' / model.'.join(keys)}); make them match")  # fmt: skip
+    k_model = model.get("num_classes", 0)
+    if _ok(cfg, "dataset.num_classes", "model.num_classes") and k_model:
+        if cfg["dataset"]["num_classes"] != k_model:
+            out.append(f"model.num_classes={k_model} but dataset.num_classes="
+                       f"{cfg['dataset']['num_classes']}: a class-conditional network needs "
+                       "the data's labels (set both to the number of classes)")  # fmt: skip
+    if _ok(cfg, "dataset.flip") and cfg["dataset"]["flip"] and len(shape) != 3:
+        out.append(f"dataset.flip=True needs images (H, W, C), but dataset.shape={shape}")
+    return out
+
+
+def _teacher(cfg: Mapping[str, Any], check_paths: bool) -> list[str]:
+    if not _ok(cfg, "objective", "teacher.guidance_min", "teacher.guidance_max"):
+        return []
+    t = cfg["teacher"]
+    out = []
+    if t["guidance_min"] > t["guidance_max"]:
+        out.append(f"teacher.guidance_min={t['guidance_min']!r} > teacher.guidance_max="
+                   f"{t['guidance_max']!r}: the CFG scale is drawn from [min, max]")  # fmt: skip
+    if cfg["objective"] != "scd" or t.get("kind") == "exact_gmm":
+        return out
+    if not t["workdir"]:
+        out.append(
+            "sCD needs a teacher: set --config.teacher.workdir=DIR to the workdir of a diffusion "
+            "run of the same architecture, trained with `scm-jax train --config "
+            "<config>:objective=diffusion --workdir DIR`"
+        )
+    elif check_paths and not (Path(t["workdir"]) / RUN_CONFIG).is_file():
+        out.append(f"teacher.workdir {t['workdir']!r} is not a training run's folder (no "
+                   f"{RUN_CONFIG}); point it at the --workdir of a diffusion run")  # fmt: skip
+    return out
+
+
+def _evals(cfg: Mapping[str, Any], check_paths: bool) -> list[str]:
+    if not _ok(cfg, "evals.every_kimg", "evals.teacher_nfe"):
+        return []
+    ev, out = cfg["evals"], []
+    if ev["teacher_nfe"] and ev["teacher_nfe"] % 2 == 0:
+        out.append(f"evals.teacher_nfe={ev['teacher_nfe']}: the Heun sampler makes 2N - 1 "
+                   "evaluations, so it must be odd (e.g. 35) or 0")  # fmt: skip
+    if ev["every_kimg"] <= 0:
+        return out
+    shape = tuple(cfg["dataset"].get("shape", ()))
+    if len(shape) != 3:
+        out.append(f"evals.every_kimg={ev['every_kimg']}: periodic FID needs images, but "
+                   f"dataset.shape={shape}; set --config.evals.every_kimg=0")  # fmt: skip
+    if not ev["ref"]:
+        out.append(
+            f"evals.every_kimg={ev['every_kimg']} needs reference statistics: set "
+            "--config.evals.ref=FILE.npz (written by `scm-jax fid-stats --data ... --out "
+            "FILE.npz`), or --config.evals.every_kimg=0 to turn periodic FID off"
+        )
+    elif check_paths and not Path(ev["ref"]).is_file():
+        out.append(f"evals.ref {ev['ref']!r} does not exist (reference statistics written by "
+                   "`scm-jax fid-stats`)")  # fmt: skip
+    if check_paths and ev.get("inception") and not Path(ev["inception"]).exists():
+        out.append(f"evals.inception {ev['inception']!r} does not exist (converted weights from "
+                   "`scm-jax fid-weights`; '' = the default location)")  # fmt: skip
+    return out
+
+
+# dataset.source -> what dataset.path must be for it
+PATH_SOURCES = {
+    "image_folder": "a folder or .tar(.gz) of <split>/<class>/*.png|jpg",
+    "npz": "an .npz with x (N, ...) and optional labels",
+    "latents": "a latent .npy (N, H, W, C) or .npz",
+}
+
+
+def _paths(cfg: Mapping[str, Any], check_paths: bool) -> list[str]:
+    out: list[str] = []
+    if _ok(cfg, "dataset.source", "dataset.path", "dataset.tfds_name"):
+        ds = cfg["dataset"]
+        what = PATH_SOURCES.get(ds["source"])
+        if what and not ds["path"]:
+            out.append(f"dataset.source={ds['source']!r} needs {what}: set "
+                       "--config.dataset.path=...")  # fmt: skip
+        elif what and check_paths and not Path(ds["path"]).exists():
+            out.append(f"dataset.path {ds['path']!r} (source {ds['source']!r}) does not exist; "
+                       f"set --config.dataset.path=... to {what}")  # fmt: skip
+        if ds["source"] == "tfds" and not ds["tfds_name"]:
+            out.append("dataset.source='tfds' needs --config.dataset.tfds_name=...")
+        if ds["source"] == "latents" and _ok(cfg, "dataset.shape", "dataset.latent_mean",
+                                             "dataset.latent_std"):  # fmt: skip
+            c = ds["shape"][-1]
+            if any(len(ds[k]) not in (0, c) for k in ("latent_mean", "latent_std")):
+                out.append(f"dataset.latent_mean / latent_std need {c} values (one per channel "
+                           "of dataset.shape) or none")  # fmt: skip
+    init_from = cfg.get("init_from")
+    if check_paths and isinstance(init_from, str) and init_from:
+        if not (Path(init_from) / RUN_CONFIG).is_file():
+            out.append(f"init_from {init_from!r} is not a training run's folder (no "
+                       f"{RUN_CONFIG}); expected the --workdir of `scm-jax train`")  # fmt: skip
+    return out
+
+
+RELATIONS: list[Relation] = [_times, _batch, _data_and_network, _teacher, _evals, _paths]
+
+
+def problems(config: Mapping[str, Any], *, check_paths: bool = True) -> list[str]:
+    """Every problem of ``config`` (a ConfigDict or a plain dict), one line each; [] if none.
+
+    Args:
+      config: a resolved config (``configs/*.py`` + overrides).
+      check_paths: also check that the files and folders the config names exist.
+    """
+    if hasattr(config, "to_dict"):
+        config = config.to_dict()
+    out = _field_problems(config)
+    model_fields_ok = not any(p.startswith(("model", "unknown key(s) model.")) for p in out)
+    for relation in RELATIONS:
+        out += relation(config, check_paths)
+    if model_fields_ok and isinstance(config.get("model"), Mapping):
+        try:  # what only the architecture knows (resolution divisibility, head widths, ...)
+            _networks().build_network(dict(config["model"]))
+        except (ValueError, TypeError) as e:
+            out.append(str(e) if str(e).startswith("model.") else f"model: {e}")
+    return out
+
+
+def validate(config: Mapping[str, Any], *, check_paths: bool = True) -> None:
+    """Raise :class:`ConfigError` listing every problem of ``config`` (see :func:`problems`)."""
+    found = problems(config, check_paths=check_paths)
+    if found:
+        raise ConfigError(found)
