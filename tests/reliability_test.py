@@ -196,6 +196,47 @@ def test_sigterm_to_a_training_process_then_resume_equals_an_uninterrupted_run(t
     assert tree_bytes(a["emas"]) == tree_bytes(b["emas"])
 
 
+@pytest.mark.slow
+def test_preemption_of_one_host_stops_every_process_at_the_same_step(tmp_path):
+    """2 processes x 4 CPU devices; SIGTERM reaches process 1 only. JAX's preemption service
+    (not a Python handler: it would replace JAX's notifier) picks a step both reach; both
+    checkpoint that step together and exit with 128 + 15."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = []
+    for i in range(2):
+        env = {**os.environ, "SCM_JAX_COORDINATOR": f"127.0.0.1:{port}",
+               "SCM_JAX_NUM_PROCESSES": "2", "SCM_JAX_PROCESS_ID": str(i),
+               "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+               "JAX_DISABLE_MOST_OPTIMIZATIONS": "1", "PYTHONUNBUFFERED": "1"}  # fmt: skip
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "scm_jax", "train", "--config", "toy_gmm:smoke",
+             "--config.total_kimg=16", "--config.train.log_every_kimg=0.4",
+             "--config.train.sample_every_kimg=0", "--workdir", str(tmp_path / "run")],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        ))  # fmt: skip
+    try:
+        for line in procs[0].stdout:  # progress (after compilation): preempt process 1 only
+            if line.startswith("step "):
+                procs[1].send_signal(signal.SIGTERM)
+                break
+        outs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [143, 143], outs[0][-2000:] + outs[1][-2000:]
+    assert "SIGTERM caught" in outs[1] and "Traceback" not in outs[0] + outs[1]
+    stopped = [ln for ln in outs[0].splitlines() if ln.startswith("stopped by signal 15 at step")]
+    assert len(stopped) == 1, outs[0][-2000:]
+    step = int(stopped[0].split()[6].rstrip(";"))
+    assert 50 <= step < 2000
+    ckpt = Checkpointer(tmp_path / "run", read_only=True)
+    assert ckpt.all_steps() == [step] and ckpt.read_meta()["step"] == step
+
+
 # ------------------------------------------------------------------------------- checkpoints
 
 

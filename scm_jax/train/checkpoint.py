@@ -29,6 +29,7 @@ Failure handling:
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -64,6 +65,40 @@ def _warn(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+class _AbandonedReads(logging.Filter):
+    """Drops asyncio's "exception was never retrieved" reports of TensorStore reads."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (
+            "exception was never retrieved" in record.getMessage() and "tensorstore" in str(exc)
+        )
+
+
+def _ignore_closed_loop_callbacks() -> None:
+    """Orbax restores in a fresh asyncio loop that it closes as soon as the first read fails;
+    the TensorStore reads still pending then call back into the closed loop (Python reports
+    ``RuntimeError('Event loop is closed')`` through ``sys.unraisablehook``), and those that
+    failed too are garbage-collected with "Task exception was never retrieved" (asyncio's
+    logger): tracebacks on the console, some while the failing restore still runs, long after
+    its error was handled. Drop exactly those reports (installed once, by the first
+    Checkpointer); the error itself is reported as a :class:`CheckpointError`."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_scm_jax_closed_loop", False):
+        return
+    logging.getLogger("asyncio").addFilter(_AbandonedReads())
+
+    def hook(unraisable: Any) -> None:
+        if unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == (
+            "Event loop is closed"
+        ):
+            return
+        previous(unraisable)
+
+    hook._scm_jax_closed_loop = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
+
+
 def checkpoint_dir(path: str | Path) -> Path:
     """``<workdir>/checkpoints`` for a workdir, or ``path`` itself if it is that folder."""
     path = Path(path)
@@ -96,6 +131,7 @@ class Checkpointer:
         self, workdir: str | Path, *, keep: int = 3, async_save: bool = True,
         read_only: bool = False,
     ) -> None:  # fmt: skip
+        _ignore_closed_loop_callbacks()
         self.directory = checkpoint_dir(workdir)
         if read_only and not self.directory.is_dir():
             raise CheckpointError(f"no checkpoints in {str(workdir)!r} (no {self.directory})")
@@ -333,7 +369,6 @@ class Checkpointer:
         return CheckpointError(
             f"checkpoint {self.directory / str(step)} could not be restored ({first}). It is "
             "damaged or was written by a run with a different model or optimiser; nothing was "
-            "changed. Point --workdir at a fresh folder, or move that checkpoint aside (e.g. to "
-            f"{step}{DAMAGED_SUFFIX}) to fall back to an earlier one.",
+            "changed. Point --workdir at a fresh folder to start again",
             detail=first,
         )

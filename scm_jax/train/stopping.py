@@ -170,11 +170,13 @@ class NonfiniteGuard:
     def stop_message(self, step: int) -> str:
         """The error after stopping at ``step`` (checkpoint written)."""
         first = self.first_bad_step or step - self.in_a_row + 1
+        good = (f"the parameters of step {first - 1}, the last good one" if first > 1
+                else "the initial parameters")  # fmt: skip
         return (
             f"stopped at step {step}: the last {self.in_a_row} steps (from step {first}) had a "
             f"non-finite loss or gradient and were skipped (train.max_consecutive_nonfinite="
             f"{self.max_consecutive}; {self.total} skipped in total). The checkpoint at step "
-            f"{step} holds the parameters of step {first - 1}, the last good one; resuming "
-            "continues with the next batch. Lower optim.lr or set optim.grad_clip, check the "
-            "data, or raise train.max_consecutive_nonfinite (0 = never stop)"
+            f"{step} holds {good}; resuming continues with the next batch. Lower "
+            "optim.lr or set optim.grad_clip, check the data, or raise "
+            "train.max_consecutive_nonfinite (0 = never stop)"
         )

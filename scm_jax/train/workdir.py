@@ -154,5 +154,8 @@ def check_same_architecture(
     b = {k: v for k, v in config_to_dict(found).items() if k not in NON_ARCH_FIELDS}
     diff = {k: (b.get(k), a.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
     if diff:
-        lines = "; ".join(f"model.{k}: {x!r} there, {y!r} here" for k, (x, y) in diff.items())
-        raise ValueError(f"the {what} in {where} has another architecture ({lines})")
+        items = [f"model.{k}: {x!r} there, {y!r} here" for k, (x, y) in diff.items()]
+        more = f"; and {len(items) - 8} more" if len(items) > 8 else ""
+        raise ValueError(
+            f"the {what} in {where} has another architecture ({'; '.join(items[:8])}{more})"
+        )
