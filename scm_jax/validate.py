@@ -215,6 +215,11 @@ FIELDS: dict[str, Check] = {
 }  # fmt: skip
 
 
+# Sections whose keys configlib defines: a key added there is known even before it has a check.
+_DEFAULTS = {"dataset": configlib.DATASET_DEFAULTS, "train": configlib.TRAIN_DEFAULTS,
+             "evals": configlib.EVAL_DEFAULTS, "mesh": configlib.MESH_DEFAULTS}  # fmt: skip
+
+
 def _networks():
     import scm_jax.networks as networks
 
@@ -262,7 +267,7 @@ def _field_problems(cfg: Mapping[str, Any]) -> list[str]:
             out.append(f"{section}: must be a section (a dict), not {type(values).__name__}")
             continue
         known = {k.lstrip("?"): (check, k.startswith("?")) for k, check in table.items()}
-        allowed = set(known)
+        allowed = set(known) | set(_DEFAULTS.get(section, {}))  # a new default is a known key
         if section == "model":  # the keys are the architecture's (scm_jax.networks)
             allowed = _model_keys(values.get("arch"), allowed)
         for key, (check, optional) in known.items():

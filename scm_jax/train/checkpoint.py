@@ -369,6 +369,6 @@ class Checkpointer:
         return CheckpointError(
             f"checkpoint {self.directory / str(step)} could not be restored ({first}). It is "
             "damaged or was written by a run with a different model or optimiser; nothing was "
-            "changed. Point --workdir at a fresh folder to start again",
+            f"changed (checkpoints there: {self.all_steps()})",
             detail=first,
         )
