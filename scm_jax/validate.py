@@ -26,13 +26,17 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from scm_jax import configlib
+from scm_jax import configlib, networks
+from scm_jax.losses.common import TANGENT_NORMS, WARMUP_FORMS
+from scm_jax.optim import OPTIMIZER_MOMENTS
+from scm_jax.sharding import check_rules
+from scm_jax.train.workdir import CONFIG_FILE as RUN_CONFIG
 
 Check = Callable[[Any], "str | None"]  # value -> what is wrong with it, or None
 Relation = Callable[[Mapping[str, Any], bool], "list[str]"]  # (config, check_paths) -> problems
 
 EMA_STD_MAX = 12**-0.5  # EDM2's power-function EMA needs sigma_rel < 1/sqrt(12)
-RUN_CONFIG = "config.json"  # scm_jax.train.workdir.CONFIG_FILE (not imported: no jax here)
+DTYPES = tuple(networks._DTYPES)  # model.dtype / param_dtype names build_network knows
 
 
 class ConfigError(ValueError):
@@ -127,11 +131,6 @@ def sequence(item: Check, *, nonempty: bool = False) -> Check:
     return check
 
 
-def anything() -> Check:
-    """No constraint here (a relation or the consumer checks it)."""
-    return lambda v: None
-
-
 def mesh_size() -> Check:
     """A mesh axis size: >= 1, or -1 to fill with the remaining devices."""
     return lambda v: None if _is_int(v) and (v >= 1 or v == -1) else "must be an integer >= 1 or -1"
@@ -141,8 +140,6 @@ def sharding_rules() -> Check:
     """``(logical name, mesh axes)`` pairs (``scm_jax.sharding.check_rules``)."""
 
     def check(v: Any) -> str | None:
-        from scm_jax.sharding import check_rules
-
         try:
             check_rules(v)
         except (ValueError, TypeError) as e:
@@ -163,11 +160,11 @@ SECTIONS: dict[str, dict[str, Check]] = {
         "?stds": sequence(real(gt=0)), "?weights": sequence(real(gt=0)),
     },
     "model": {  # keys of either architecture; which apply is checked by build_network
-        "arch": one_of(lambda: _networks().ARCHS), "?size": text(), "?num_classes": integer(0),
+        "arch": one_of(networks.ARCHS), "?size": text(), "?num_classes": integer(0),
         "?dropout": real(ge=0, lt=1), "?label_dropout": real(ge=0, lt=1),
         "?guidance_input": boolean(), "?sigma_d": real(gt=0), "?c_noise_scale": real(gt=0),
-        "?dtype": one_of(lambda: _networks()._DTYPES), "?param_dtype": one_of(
-            lambda: _networks()._DTYPES), "?remat": one_of(lambda: _networks().REMAT_POLICIES),
+        "?dtype": one_of(DTYPES), "?param_dtype": one_of(DTYPES),
+        "?remat": one_of(networks.REMAT_POLICIES),
         "?weight_channels": integer(2), "?img_resolution": integer(1),
         "?img_channels": integer(1), "?model_channels": integer(1),
         "?channel_mult": sequence(integer(1), nonempty=True), "?num_blocks": integer(1),
@@ -178,14 +175,14 @@ SECTIONS: dict[str, dict[str, Check]] = {
     "trigflow": {"sigma_d": real(gt=0), "sigma_max": real(gt=0), "t_mid": real(gt=0),
                  "P_mean": real(), "P_std": real(gt=0)},
     "loss": {
-        "tangent_c": real(gt=0), "tangent_norm": one_of(lambda: _losses().TANGENT_NORMS),
-        "tangent_warmup_steps": integer(0), "warmup_form": one_of(lambda: _losses().WARMUP_FORMS),
+        "tangent_c": real(gt=0), "tangent_norm": one_of(TANGENT_NORMS),
+        "tangent_warmup_steps": integer(0), "warmup_form": one_of(WARMUP_FORMS),
         "adaptive_weighting": boolean(), "mask_nonfinite": boolean(),
     },
     "teacher": {"workdir": text(), "guidance_min": real(ge=0), "guidance_max": real(ge=0),
                 "?kind": one_of(("", "exact_gmm")), "?ema_std": real(ge=0, lt=EMA_STD_MAX)},
     "optim": {
-        "name": one_of(lambda: _optim().OPTIMIZER_MOMENTS), "lr": real(gt=0),
+        "name": one_of(OPTIMIZER_MOMENTS), "lr": real(gt=0),
         "b1": real(ge=0, lt=1), "b2": real(ge=0, lt=1), "eps": real(gt=0),
         "lr_ref_kimg": real(ge=0), "lr_rampup_kimg": real(ge=0), "grad_clip": real(ge=0),
     },
@@ -218,24 +215,6 @@ FIELDS: dict[str, Check] = {
 # Sections whose keys configlib defines: a key added there is known even before it has a check.
 _DEFAULTS = {"dataset": configlib.DATASET_DEFAULTS, "train": configlib.TRAIN_DEFAULTS,
              "evals": configlib.EVAL_DEFAULTS, "mesh": configlib.MESH_DEFAULTS}  # fmt: skip
-
-
-def _networks():
-    import scm_jax.networks as networks
-
-    return networks
-
-
-def _losses():
-    import scm_jax.losses.common as common
-
-    return common
-
-
-def _optim():
-    import scm_jax.optim as optim
-
-    return optim
 
 
 def register_section(name: str, checks: Mapping[str, Check]) -> None:
@@ -286,7 +265,6 @@ def _field_problems(cfg: Mapping[str, Any]) -> list[str]:
 def _model_keys(arch: Any, table_keys: set[str]) -> set[str]:
     """The keys a ``model`` section of ``arch`` may have (``build_network``'s rule); all keys
     of the table while the arch itself is unknown (its own problem is reported)."""
-    networks = _networks()
     cls = networks.ARCHS.get(arch) if isinstance(arch, str) else None
     if cls is None:
         return table_keys
@@ -464,7 +442,7 @@ def problems(config: Mapping[str, Any], *, check_paths: bool = True) -> list[str
         out += relation(config, check_paths)
     if model_fields_ok and isinstance(config.get("model"), Mapping):
         try:  # what only the architecture knows (resolution divisibility, head widths, ...)
-            _networks().build_network(dict(config["model"]))
+            networks.build_network(dict(config["model"]))
         except (ValueError, TypeError) as e:
             out.append(str(e) if str(e).startswith("model.") else f"model: {e}")
     return out
