@@ -381,11 +381,11 @@ def _evals(cfg: Mapping[str, Any], check_paths: bool) -> list[str]:
             "FILE.npz`), or --config.evals.every_kimg=0 to turn periodic FID off"
         )
     elif check_paths and not Path(ev["ref"]).is_file():
-        out.append(f"evals.ref {ev['ref']!r} does not exist (reference statistics written by "
-                   "`scm-jax fid-stats`)")  # fmt: skip
+        out.append(f"evals.ref: no FID statistics at {ev['ref']} (write them with `scm-jax "
+                   "fid-stats --data ... --out FILE.npz`)")  # fmt: skip
     if check_paths and ev.get("inception") and not Path(ev["inception"]).exists():
-        out.append(f"evals.inception {ev['inception']!r} does not exist (converted weights from "
-                   "`scm-jax fid-weights`; '' = the default location)")  # fmt: skip
+        out.append(f"evals.inception: no FID Inception weights at {ev['inception']}; create them "
+                   "once with `scm-jax fid-weights` ('' = the default location)")  # fmt: skip
     return out
 
 

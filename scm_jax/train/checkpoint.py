@@ -204,13 +204,13 @@ class Checkpointer:
         """Restore only the EMA trees (``{name: abstract net params}``) of checkpoint ``step``.
 
         Without ``step``: the newest readable checkpoint, falling back past damaged ones with a
-        warning to ``log``. ``config``: the run's config (its ``config.json``); a checkpoint of
-        another identity raises :class:`CheckpointMismatchError`.
+        warning to ``log``. ``config``: the run's config (its ``config.json``); a checkpoint
+        whose ``model.*`` or ``ema.*`` identity differs raises :class:`CheckpointMismatchError`.
         """
 
         def restore(s: int) -> dict[str, Any]:
-            if config is not None:
-                self.check_identity(config, s)
+            if config is not None:  # what decides the EMA trees (objective, batch... may differ)
+                self.check_identity(config, s, only=("model.", "ema."))
             try:
                 out = self.manager.restore(
                     s, args=ocp.args.Composite(emas=ocp.args.StandardRestore(target))
@@ -283,17 +283,21 @@ class Checkpointer:
             f"newest: {newest_error}"
         )
 
-    def check_identity(self, config: Mapping[str, Any], step: int | None = None) -> None:
+    def check_identity(
+        self, config: Mapping[str, Any], step: int | None = None, *,
+        only: tuple[str, ...] | None = None,
+    ) -> None:  # fmt: skip
         """Raise :class:`CheckpointMismatchError` unless checkpoint ``step`` (default: the newest
         whose ``meta`` is readable) was written by a run with ``config``'s identity (objective,
-        ``model.*``, data shape, batch, seed, EMAs, optimiser). Checkpoints written before
-        ``meta`` recorded the identity are compared on their objective and batch only."""
+        ``model.*``, data shape, batch, seed, EMAs, optimiser; ``only``: just the fields with
+        these prefixes). Checkpoints written before ``meta`` recorded the identity are compared
+        on their objective and batch only."""
         from scm_jax.train.workdir import identity_diff
 
         if step is None:
             for s in sorted(self.all_steps(), reverse=True):
                 try:
-                    return self.check_identity(config, s)
+                    return self.check_identity(config, s, only=only)
                 except CheckpointMismatchError:
                     raise
                 except CheckpointError:
@@ -306,6 +310,8 @@ class Checkpointer:
             diff = {k: v for k, v in identity_diff(saved, config).items() if k in saved}
         else:
             diff = identity_diff(saved, config)
+        if only is not None:
+            diff = {k: v for k, v in diff.items() if k.startswith(only)}
         if diff:
             items = list(diff.items())
             lines = "; ".join(f"{k}: {a!r} there, {b!r} here" for k, (a, b) in items[:_MAX_LISTED])
