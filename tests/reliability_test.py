@@ -84,6 +84,7 @@ def test_guard_counts_one_step_late_and_stops_after_k_in_a_row():
     assert never.sync() is False and (never.total, never.in_a_row) == (12, 11)
 
 
+@pytest.mark.slow
 def test_nan_gradient_at_step_k_equals_a_run_that_skipped_step_k(tmp_path):
     """A NaN example in batch k makes step k's gradient NaN: the step is skipped (counter 1), and
     the run ends with exactly the state of a run whose step k was a no-op.
@@ -240,6 +241,7 @@ def test_preemption_of_one_host_stops_every_process_at_the_same_step(tmp_path):
 # ------------------------------------------------------------------------------- checkpoints
 
 
+@pytest.mark.slow
 def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
     """The newest checkpoint's array data truncated: training resumes from the previous one
     with a warning, keeps the damaged one as ``<step>.damaged`` (bytes unchanged), and ends
