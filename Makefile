@@ -26,10 +26,11 @@ run: $(STAMP)
 		--out $(RUN_DIR)/digits_2step.png
 
 # The tests also need PyTorch (the optional `torch` extra): the Inception-v3 conversion is checked
-# against the TorchScript FID model. `make run` does not install it.
+# against the TorchScript FID model, the PyTorch network against JAX; and the `export` extra (ONNX,
+# ONNX Runtime, flatbuffers) for the ONNX and StableHLO exports. `make run` does not install them.
 TEST_STAMP := $(VENV)/.installed-test-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 $(TEST_STAMP): $(STAMP)
-	$(BIN)/python -m pip install -q -e ".[dev,torch]"
+	$(BIN)/python -m pip install -q -e ".[dev,torch,export]"
 	touch $@
 
 test: $(TEST_STAMP) lint

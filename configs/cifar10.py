@@ -1,12 +1,13 @@
-"""CIFAR-10 32x32 (unconditional, as in sCM Table 1): teacher, sCT, sCD.
+"""CIFAR-10 32x32 (unconditional, as in sCM Table 1): teacher, sCT, sCD, DMD, rCM.
 
   scm-jax info --config configs/cifar10.py:objective=sct
   scm-jax info --config configs/cifar10.py:objective=scd,size=m
 
-Arguments: objective=diffusion|sct|scd (default sct), size=xs|s|m (default s), cond (10-class
-conditional instead), smoke. The paper's CIFAR backbone is DDPM++; we use the EDM2-style U-Net
-at DDPM++-like widths (s: 128 channels, mult (1, 2, 2, 2), attention at 16; see docs/models.md).
-Hyperparameters: sCM §5 / App. G (teacher with EDM's settings; CM RAdam 1e-4, batch 512).
+Arguments: objective=diffusion|sct|scd|dmd|rcm (default sct), size=xs|s|m (default s), cond
+(10-class conditional instead), smoke. The paper's CIFAR backbone is DDPM++; we use the EDM2-style
+U-Net at DDPM++-like widths (s: 128 channels, mult (1, 2, 2, 2), attention at 16; docs/models.md).
+Hyperparameters: sCM §5 / App. G (teacher with EDM's settings; CM RAdam 1e-4, batch 512). DMD and
+rCM take sCD's settings and budget plus ``configlib.dmd_options`` (docs/method.md).
 """
 
 from scm_jax import configlib
@@ -35,11 +36,12 @@ def get_config(arg=None):
         num_blocks=blocks,
         attn_resolutions=attn,
         channels_per_head=16 if a.smoke else 64,
-        dropout={"diffusion": 0.13, "sct": 0.20, "scd": 0.0}[a.objective],
+        dropout={"diffusion": 0.13, "sct": 0.20, "scd": 0.0, "dmd": 0.0, "rcm": 0.0}[a.objective],
         dropout_max_res=32,  # DDPM++ applies dropout in every block
         size="smoke" if a.smoke else a.size,
     )
     batch = 8 if a.smoke else 512
+    warmup = 2 if a.smoke else 10_000
     return configlib.assemble(
         dataset={
             "name": "cifar10",
@@ -72,5 +74,8 @@ def get_config(arg=None):
         # Teacher 400k iterations; the CM iteration count of Table 1 is not given: 400k (App. E.3).
         total_kimg=configlib.kimg(4 if a.smoke else 400_000, batch),
         teacher={"workdir": "", "guidance_min": 1.0, "guidance_max": 1.0},
-        tangent_warmup_steps=2 if a.smoke else 10_000,
+        tangent_warmup_steps=warmup,
+        dmd=configlib.dmd_options(
+            a.objective, lr=1e-4, P_mean=-1.0, P_std=1.4, tangent_warmup_steps=warmup
+        ),
     )

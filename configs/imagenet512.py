@@ -1,11 +1,15 @@
-"""ImageNet 512x512 in SD-VAE latent space (64x64x4, 1000 classes): teacher, sCT, sCD with CFG.
+"""ImageNet 512x512 in SD-VAE latent space (64x64x4, 1000 classes): teacher, sCT; sCD, DMD, rCM
+with CFG.
 
   scm-jax info --config configs/imagenet512.py:size=xxl,objective=scd
   scm-jax info --config configs/imagenet512.py:size=xxl,objective=scd --devices 64 --json
 
-Arguments: objective=diffusion|sct|scd (default scd), size=xs|s|m|l|xl|xxl (default s), smoke.
+Arguments: objective=diffusion|sct|scd|dmd|rcm (default scd), size=xs|s|m|l|xl|xxl (default s),
+smoke.
 Hyperparameters: sCM Table 5. The teacher is trained with 10% label dropout; the sCD student
 distils classifier-free guidance at a per-sample scale s ~ U[1, 2] that it receives as an input.
+DMD and rCM distil the same guided teacher (s ~ U[1, 2], an input of the student and the critic) for
+20k iterations (sCM's sCD + adaptive VSD, Table 5), with ``configlib.dmd_options``.
 Latents: (latent - mu_c) * sigma_d / sigma_c with the per-channel statistics of sCM App. G.
 """
 
@@ -31,7 +35,8 @@ def get_config(arg=None):
     configlib.check_choice("size", a.size, tuple(TABLE5))
     lr, t_dropout, t_iters, t_ema, sct_dropout, scd_dropout = TABLE5[a.size]
     cm = a.objective != "diffusion"
-    dropout = {"diffusion": t_dropout, "sct": sct_dropout, "scd": scd_dropout}[a.objective]
+    distil = a.objective in configlib.DISTILL_OBJECTIVES  # sCD, DMD, rCM: CFG-distilling students
+    dropout = {"diffusion": t_dropout, "sct": sct_dropout}.get(a.objective, scd_dropout)
     model = configlib.edm2_model(
         a.size,
         channels=4,
@@ -40,11 +45,13 @@ def get_config(arg=None):
         dropout=dropout,
         dropout_max_res=16 if cm else 64,  # teachers: every resolution
         label_dropout=0.0 if cm else 0.1,
-        guidance_input=a.objective == "scd",
+        guidance_input=distil,
     )
     res = model["img_resolution"]
     batch = 8 if a.smoke else 2048
-    iters = {"diffusion": t_iters, "sct": 100_000, "scd": 200_000}[a.objective]
+    iters = {"diffusion": t_iters, "sct": 100_000, "scd": 200_000, "dmd": 20_000,
+             "rcm": 20_000}[a.objective]  # fmt: skip
+    warmup = 2 if a.smoke else 10_000
     return configlib.assemble(
         dataset={
             "name": "imagenet512_latents",
@@ -79,7 +86,10 @@ def get_config(arg=None):
             "workdir": "",
             "ema_std": t_ema,
             "guidance_min": 1.0,
-            "guidance_max": 2.0 if a.objective == "scd" else 1.0,
+            "guidance_max": 2.0 if distil else 1.0,
         },
-        tangent_warmup_steps=2 if a.smoke else 10_000,
+        tangent_warmup_steps=warmup,
+        dmd=configlib.dmd_options(
+            a.objective, lr=lr * 0.01, P_mean=-0.8, P_std=1.6, tangent_warmup_steps=warmup
+        ),
     )

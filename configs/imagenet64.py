@@ -1,11 +1,13 @@
-"""ImageNet 64x64 pixels (class-conditional, 1000 classes): teacher, sCT, sCD; EDM2 sizes.
+"""ImageNet 64x64 pixels (class-conditional, 1000 classes): teacher, sCT, sCD, DMD, rCM; EDM2 sizes.
 
   scm-jax info --config configs/imagenet64.py:size=xl,objective=sct
   scm-jax info --config configs/imagenet64.py:size=s,objective=scd --devices 8
 
-Arguments: objective=diffusion|sct|scd (default sct), size=xs|s|m|l|xl|xxl (default s), smoke.
+Arguments: objective=diffusion|sct|scd|dmd|rcm (default sct), size=xs|s|m|l|xl|xxl (default s),
+smoke.
 Hyperparameters: sCM Table 4 (S..XL). xs and xxl are not in the paper; their learning rate,
-dropout and teacher length follow EDM2's img512 presets (marked 'extrapolated' below).
+dropout and teacher length follow EDM2's img512 presets (marked 'extrapolated' below). DMD and rCM
+take sCD's settings plus ``configlib.dmd_options``; DMD trains for DMD2's 200k x 280 images.
 """
 
 from scm_jax import configlib
@@ -27,7 +29,7 @@ def get_config(arg=None):
     configlib.check_choice("size", a.size, tuple(TABLE4))
     lr, t_dropout, t_iters, t_ema = TABLE4[a.size]
     cm = a.objective != "diffusion"
-    dropout = {"diffusion": t_dropout, "sct": 0.45, "scd": 0.0}[a.objective]
+    dropout = {"diffusion": t_dropout, "sct": 0.45, "scd": 0.0, "dmd": 0.0, "rcm": 0.0}[a.objective]
     model = configlib.edm2_model(
         a.size,
         channels=3,
@@ -39,6 +41,10 @@ def get_config(arg=None):
     res = model["img_resolution"]
     batch = 8 if a.smoke else 2048
     iters = 400_000 if cm else t_iters
+    warmup = 2 if a.smoke else 10_000
+    total = configlib.kimg(4 if a.smoke else iters, batch)
+    if a.objective == "dmd" and not a.smoke:
+        total = configlib.kimg(200_000, 280)  # DMD2's ImageNet-64 run, counted in images
     return configlib.assemble(
         dataset={
             "name": "imagenet64",
@@ -69,7 +75,10 @@ def get_config(arg=None):
         # Teachers keep the EMA that sCD distils (teacher.ema_std); CMs the paper's 0.05 (+0.10).
         ema={"halflife_kimg": 0.0, "power_std": (0.05, 0.10) if cm else (t_ema,)},
         batch_size=batch,
-        total_kimg=configlib.kimg(4 if a.smoke else iters, batch),
+        total_kimg=total,
         teacher={"workdir": "", "ema_std": t_ema, "guidance_min": 1.0, "guidance_max": 1.0},
-        tangent_warmup_steps=2 if a.smoke else 10_000,
+        tangent_warmup_steps=warmup,
+        dmd=configlib.dmd_options(
+            a.objective, lr=lr * 0.01, P_mean=-1.0, P_std=1.6, tangent_warmup_steps=warmup
+        ),
     )

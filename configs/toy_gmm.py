@@ -1,9 +1,10 @@
-"""2-D Gaussian mixture (toy): diffusion, sCT, and sCD with the exact mixture teacher.
+"""2-D Gaussian mixture (toy): diffusion, sCT, and sCD, DMD, rCM with the exact mixture teacher.
 
   scm-jax info --config configs/toy_gmm.py:objective=sct
   scm-jax info --config configs/toy_gmm.py:objective=scd,smoke
 
-Arguments: objective=diffusion|sct|scd (default sct), smoke (tiny network for a CPU smoke run).
+Arguments: objective=diffusion|sct|scd|dmd|rcm (default sct), smoke (tiny network for a CPU smoke
+run).
 The network is the residual MP-MLP (``scm_jax.networks.mlp``); ``size`` does not apply.
 """
 
@@ -35,6 +36,8 @@ def get_config(arg=None):
         "param_dtype": "float32",
     }
     batch = 8 if a.smoke else 1024
+    lr = 1e-4 if cm else 1e-3
+    warmup = 2 if a.smoke else 1_000
     return configlib.assemble(
         # The mixture itself is part of the config (and so of the run's config JSON): 8 components
         # on a ring of radius 0.65 with std 0.15, overall data std 0.48 ~ sigma_d.
@@ -54,7 +57,7 @@ def get_config(arg=None):
         P_std=1.6,
         optim={
             "name": "radam" if cm else "adam",
-            "lr": 1e-4 if cm else 1e-3,
+            "lr": lr,
             "b1": 0.9,
             "b2": 0.99,
             "eps": 1e-8,
@@ -66,5 +69,8 @@ def get_config(arg=None):
         batch_size=batch,
         total_kimg=configlib.kimg(4 if a.smoke else 20_000, batch),
         teacher={"workdir": "", "kind": "exact_gmm", "guidance_min": 1.0, "guidance_max": 1.0},
-        tangent_warmup_steps=2 if a.smoke else 1_000,
+        tangent_warmup_steps=warmup,
+        dmd=configlib.dmd_options(
+            a.objective, lr=lr, P_mean=-1.0, P_std=1.6, tangent_warmup_steps=warmup
+        ),
     )

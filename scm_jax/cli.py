@@ -11,6 +11,9 @@
                     [--ref other.npz] [--inception weights/inception_fid.npz]
   scm-jax eval   --workdir runs/c10_scd --ref c10_train.npz --steps 1,2 --num 50000
                  [--teacher-nfe 35] [--guidance 1.5] [--json-out eval.json]
+  scm-jax export --workdir runs/mnist --to safetensors|torch|onnx|stablehlo --out exports/mnist
+                 [--ema NAME] [--step N]
+  scm-jax import-edm2 --from edm2-img512-s.safetensors --out teachers/edm2_s [--sigma-data 0.5]
 
 ``--config`` takes ``path.py[:arg]`` (``configs/`` may be omitted: ``imagenet512:size=xxl``);
 ``--config.a.b=value`` overrides a field, with ml-collections' parsing and type checks.
@@ -330,6 +333,30 @@ def cmd_eval(config: ml_collections.ConfigDict, argv: Sequence[str]) -> int:
     return _eval_errors(eval_main, argv)
 
 
+def _export_errors(main: Callable[[Sequence[str]], int], argv: Sequence[str]) -> int:
+    """Run an export command, turning its input errors (missing packages too) into one line."""
+    from scm_jax.train.checkpoint import CheckpointError
+
+    try:
+        return main(argv)
+    except (ValueError, FileNotFoundError, CheckpointError, ImportError) as e:
+        raise UsageError(str(e)) from None
+
+
+def cmd_export(config: ml_collections.ConfigDict, argv: Sequence[str]) -> int:
+    """``scm-jax export``: a run's EMA weights as safetensors, PyTorch, ONNX or StableHLO."""
+    from scm_jax.export.command import export_main  # lazy: torch/onnx only where asked for
+
+    return _export_errors(export_main, argv)
+
+
+def cmd_import_edm2(config: ml_collections.ConfigDict, argv: Sequence[str]) -> int:
+    """``scm-jax import-edm2``: EDM2 weights (a state dict) as an sCD teacher."""
+    from scm_jax.export.command import import_edm2_main
+
+    return _export_errors(import_edm2_main, argv)
+
+
 COMMANDS: dict[str, Callable[[ml_collections.ConfigDict, Sequence[str]], int]] = {
     "train": cmd_train,
     "sample": cmd_sample,
@@ -338,9 +365,11 @@ COMMANDS: dict[str, Callable[[ml_collections.ConfigDict, Sequence[str]], int]] =
     "fid-weights": cmd_fid_weights,
     "fid-stats": cmd_fid_stats,
     "eval": cmd_eval,
+    "export": cmd_export,
+    "import-edm2": cmd_import_edm2,
 }
 # Commands that read a run's saved config instead of --config.
-NO_CONFIG = ("sample", "fid-weights", "fid-stats", "eval")
+NO_CONFIG = ("sample", "fid-weights", "fid-stats", "eval", "export", "import-edm2")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

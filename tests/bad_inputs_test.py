@@ -61,7 +61,6 @@ TOY_NPZ = "--config.dataset.source=npz --config.dataset.num_examples=0 --config.
 # The fixture run's config: the toy, class-conditional on synthetic data (3 classes).
 TOY_COND = ("--config toy_gmm:smoke --config.dataset.source=synthetic "
             "--config.dataset.num_classes=3 --config.model.num_classes=3")  # fmt: skip
-# Export (issue 9) cases go here after its merge, one line each.
 CASES: list[Case] = [
     # command line and config files
     case("unknown command", "trian --config mnist", "unknown command 'trian'"),
@@ -171,6 +170,33 @@ CASES: list[Case] = [
          "--ref {tmp}/ref.npz", "no FID statistics at"),
     case("fid-stats: Inception weights not found", "fid-stats --data mnist5k --out {tmp}/s.npz "
          "--inception {tmp}/none.npz", "{tmp}/none.npz"),
+    # DMD / rCM (the dmd section and its rules)
+    case("dmd: unknown rollout", "config --check --config mnist:smoke,objective=dmd "
+         "--config.dmd.rollout=backward", "dmd.rollout='backward': must be one of"),
+    case("dmd: no critic updates", "config --check --config mnist:smoke,objective=dmd "
+         "--config.dmd.critic_updates=0", "dmd.critic_updates=0: must be >= 1"),
+    case("rcm: micro-batches", "config --check --config mnist:smoke,objective=rcm "
+         "--config.train.micro_batches=2", "gradient accumulation is not implemented"),
+    case("dmd: guidance range without a guidance input", "config --check --config "
+         "mnist:smoke,objective=dmd --config.teacher.guidance_max=2",
+         "needs model.guidance_input=True"),
+    # export and import-edm2
+    case("export: not a run", "export --workdir {tmp}/none --to safetensors --out {tmp}/e",
+         "--workdir '{tmp}/none' is not a folder"),
+    case("export: unknown format", "export --workdir {run} --to tflite --out {tmp}/e",
+         "unknown format"),
+    case("export: step that does not exist", "export --workdir {run} --to safetensors "
+         "--step 7 --out {tmp}/e", "no checkpoint at step 7"),
+    case("export: unknown EMA", "export --workdir {run} --to safetensors --ema nope "
+         "--out {tmp}/e", "no 'nope'"),
+    case("export: corrupt weights file", "export --workdir {corrupt_export} --to safetensors "
+         "--out {tmp}/e", "is not a readable safetensors file", subprocess=True),
+    case("export: --out is a file", "export --workdir {run} --to safetensors --out {points3}",
+         "is a file"),
+    case("import-edm2: a pickle", "import-edm2 --from {pickle} --out {tmp}/i",
+         "pickles that only EDM2's own code can load"),
+    case("import-edm2: file not found", "import-edm2 --from {tmp}/none.safetensors "
+         "--out {tmp}/i", "{tmp}/none.safetensors"),
     # info
     case("info: bad --mesh", "info --config mnist --mesh data=x", "expected AXIS=SIZE pairs"),
 ]  # fmt: skip
@@ -179,14 +205,16 @@ CASES: list[Case] = [
 def make_fixtures(root: Path) -> dict[str, Path]:
     """Paths the cases name: a trained toy run (class-conditional, 3 classes, 1 step), copies of
     it without its config.json and with every checkpoint truncated, a folder whose config.json
-    is a toy diffusion run, and .npz files of NaN and of 3-d points."""
+    is a toy diffusion run, a safetensors export with its weights file corrupted, a pickle, and
+    .npz files of NaN and of 3-d points."""
     from scm_jax import configlib
     from scm_jax.train.loop import train
     from scm_jax.train.workdir import prepare_workdir
 
     paths = {"tmp": root, "run": root / "run", "nocfg": root / "nocfg",
              "damaged": root / "damaged", "toy_teacher": root / "toy_teacher",
-             "nan": root / "nan.npz", "points3": root / "points3.npz"}  # fmt: skip
+             "nan": root / "nan.npz", "points3": root / "points3.npz", "pickle": root / "a.pkl",
+             "corrupt_export": root / "corrupt_export"}  # fmt: skip
     cfg = configlib.load_config("toy_gmm:smoke")
     with cfg.unlocked():
         cfg.dataset.source = "synthetic"
@@ -201,6 +229,13 @@ def make_fixtures(root: Path) -> dict[str, Path]:
             fh.truncate(f.stat().st_size // 2)
     teacher_cfg = configlib.load_config("toy_gmm:smoke,objective=diffusion")
     prepare_workdir(paths["toy_teacher"], teacher_cfg, has_checkpoint=False)
+    from scm_jax import cli
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        argv = ["export", "--workdir", str(paths["run"]), "--to", "safetensors"]
+        assert cli.main([*argv, "--out", str(paths["corrupt_export"])]) == 0
+    (paths["corrupt_export"] / "model.safetensors").write_bytes(b"\x00garbage")
+    paths["pickle"].write_bytes(b"\x80\x04")  # what EDM2's .pkl snapshots start with
     np.savez(paths["nan"], x=np.full((16, 2), np.nan, np.float32))
     np.savez(paths["points3"], x=np.zeros((16, 3), np.float32))
     return paths

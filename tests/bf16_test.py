@@ -41,3 +41,30 @@ def test_bf16_jvp_term_tracks_float32():
     err = rel(out["bf16"], out["f32"])
     print(f"bf16 JVP term relative L2 error vs float32: {err:.4f}")
     assert np.isfinite(err) and err < BF16_JVP_REL_ERROR_BOUND
+
+
+def test_bf16_policy_of_the_train_step():
+    """model.dtype='bfloat16': the sCD-CFG step's products (teacher, JVP, forward, backward) run
+    in bf16, while parameters, optimizer state, EMAs and gradients stay float32."""
+    import jax.numpy as jnp
+
+    from scm_jax import bench
+    from scm_jax.flops import flops_by_dtype
+    from scm_jax.networks import build_network
+    from scm_jax.optim import make_optimizer
+    from scm_jax.train import aot
+
+    cfg = bench.suite_config("smoke", "scd_cfg", dtype="bfloat16", batch_size=2)
+    nd = build_network(cfg.model)
+    tx, _ = make_optimizer(**cfg.optim, batch_size=cfg.batch_size)
+    teacher_fn, teacher = aot.abstract_teacher(cfg)
+    step = aot.train_step_from_config(cfg, nd, teacher_fn, tx=tx)
+    state = aot.abstract_train_state(cfg, nd, tx)
+    args = (state, jax.ShapeDtypeStruct((2, *nd.sample_shape), jnp.float32),
+            jax.ShapeDtypeStruct((2,), jnp.int32), teacher)  # fmt: skip
+    by_dtype = flops_by_dtype(step, *args)
+    # Only the weighting head w_phi(t) stays float32 (~1 kFLOP of ~0.6 GFLOP).
+    assert by_dtype["bfloat16"] / sum(by_dtype.values()) > 0.999, by_dtype
+    new_state, _ = jax.eval_shape(step, *args)
+    for tree in (new_state.params, new_state.opt_state, new_state.emas):
+        assert {a.dtype for a in jax.tree.leaves(tree) if a.ndim} == {jnp.dtype(jnp.float32)}

@@ -65,6 +65,23 @@ def test_paper_hyperparameters_spot_checks():
     assert got == ("radam", 1e-4, 512, 0)
 
 
+def test_dmd_and_rcm_hyperparameters_spot_checks():
+    """DMD2's and rCM's settings (reference §7, §8) on top of each dataset's sCD settings."""
+    c = configlib.load_config("imagenet512:size=xxl,objective=rcm")
+    assert (c.dmd.weight, c.dmd.critic_updates, c.dmd.generator_steps) == (0.01, 4, 4)
+    assert (c.loss.warmup_form, c.loss.adaptive_weighting, c.dmd.rollout) == ("rcm", False,
+                                                                              "random")  # fmt: skip
+    assert c.dmd.start_step == c.loss.tangent_warmup_steps and c.model.guidance_input
+    assert c.dmd.critic_lr == pytest.approx(0.2 * c.optim.lr) and c.total_kimg == 40_960
+    assert (c.dmd.critic_P_mean, c.dmd.critic_P_std) == (c.trigflow.P_mean, c.trigflow.P_std)
+    d = configlib.load_config("imagenet64:size=s,objective=dmd")
+    assert (d.dmd.critic_updates, d.dmd.generator_steps, d.dmd.weight) == (5, 1, 1.0)
+    assert d.total_kimg == 56_000 and d.dmd.critic_lr == d.optim.lr and d.model.dropout == 0.0
+    assert (d.loss.warmup_form, d.loss.adaptive_weighting) == ("scm", True)
+    assert configlib.load_config("mnist:objective=dmd").optim.lr == 1e-3
+    assert configlib.load_config("toy_gmm:objective=rcm").teacher.kind == "exact_gmm"
+
+
 def test_shared_sigma_d_and_locked_config():
     cfg = configlib.load_config("mnist")
     cfg.model.sigma_d = 0.7

@@ -364,14 +364,14 @@ def test_validation_lists_every_problem_one_line_each():
 def test_new_sections_register_their_checks():
     cfg = configlib.load_config("toy_gmm:smoke")
     with cfg.unlocked():
-        cfg.dmd = {"fake_lr": -1.0, "typo": 0}
+        cfg.newobjective = {"fake_lr": -1.0, "typo": 0}
     assert validate.problems(cfg) == []  # unknown section: not refused here
     saved = dict(validate.SECTIONS)
     try:
-        validate.register_section("dmd", {"fake_lr": validate.real(gt=0)})
+        validate.register_section("newobjective", {"fake_lr": validate.real(gt=0)})
         assert validate.problems(cfg) == [
-            "dmd.fake_lr=-1.0: must be > 0",
-            "unknown key(s) dmd.typo; known: fake_lr",
+            "newobjective.fake_lr=-1.0: must be > 0",
+            "unknown key(s) newobjective.typo; known: fake_lr",
         ]
     finally:
         validate.SECTIONS.clear()

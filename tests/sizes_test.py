@@ -51,3 +51,16 @@ def test_scm_conditioning_adds_the_adn_shift_and_guidance_layers(size):
     assert guidance == c * 4 * c  # C_noise x C_emb
     # Reference §2.6: a scale+shift projection per block adds 13.7 M (S) ... 74.7 M (XXL).
     assert shifts / 1e6 == pytest.approx({"s": 13.7, "xxl": 74.7}[size], abs=0.05)
+
+
+@pytest.mark.parametrize("objective", ["dmd", "rcm"])
+def test_dmd_and_rcm_states_hold_a_critic_of_the_student_size(objective):
+    """The critic (fake score) has the student's parameters and optimizer state, sharded alike."""
+    from scm_jax.info import model_info
+
+    cfg = configlib.load_config(f"imagenet512:size=s,objective={objective}")
+    info = model_info(cfg, devices=64, mesh={"data": 8, "fsdp": 8}, flops=False)
+    total, per_device = info["state_bytes_breakdown"], info["state_bytes_per_device_breakdown"]
+    for b in (total, per_device):
+        assert b["critic"] == b["params"] + b["optimizer"] and b["teacher"] > 0
+    assert per_device["critic"] < total["critic"] / 7  # FSDP-split over 8

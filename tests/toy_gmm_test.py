@@ -271,3 +271,28 @@ def test_mmd_rbf_closed_form(x64):
     assert abs(float(metrics.mmd_rbf(x, y, bw))) < 5e-3
     with pytest.raises(ValueError, match=r"bandwidths must be non-empty and > 0; got \(0.0,\)"):
         metrics.mmd_rbf(x, y, (0.0,))
+
+
+def test_mode_statistics_known_answers():
+    """Coverage and precision of constructed sample sets, and of exact samples (2-D Rayleigh)."""
+    ring = gmm.ring_mixture()
+    means, stds, weights = ring.arrays()
+    at_mode0 = jnp.tile(means[:1], (100, 1))  # every sample on mode 0's mean
+    m = metrics.mode_statistics(at_mode0, means, stds, weights)
+    assert m["mass"][0] == 1.0 and m["coverage_tv"] == pytest.approx(1 - 1 / 8)
+    assert m["modes_covered"] == 1 and m["precision_dist"] == 0.0
+    assert m["precision_in_radius"] == 1.0
+    far = means * 10.0  # on the rays of the modes, far outside: all modes, no precision
+    m = metrics.mode_statistics(jnp.repeat(far, 10, axis=0), means, stds, weights)
+    assert m["coverage_tv"] == pytest.approx(0.0, abs=1e-6) and m["modes_covered"] == 8
+    assert m["precision_in_radius"] == 0.0
+    wide = gmm.GaussianMixture(ring.means, [0.01] * 8, ring.weights)  # separated components
+    x = wide.sample(jax.random.key(0), 40_000)
+    m = metrics.mode_statistics(x, *wide.arrays())
+    assert m["coverage_tv"] < 0.02 and m["modes_covered"] == 8
+    assert m["precision_dist"] == pytest.approx(math.sqrt(math.pi / 2), rel=0.02)
+    assert m["precision_in_radius"] == pytest.approx(1 - math.exp(-2), abs=0.01)
+    grid = gmm.grid_mixture()
+    assert grid.num_components == 25 and grid.data_std() == pytest.approx(0.4272, abs=1e-4)
+    with pytest.raises(ValueError, match="means must be"):
+        metrics.mode_statistics(jnp.zeros((4, 3)), means, stds, weights)

@@ -32,6 +32,7 @@ def diffusion_loss(
     *,
     sigma_d: float,
     labels: Array | None = None,
+    guidance: Array | None = None,
     key: Array | None = None,
     time_edges: tuple[float, ...] | None = None,
 ) -> tuple[Array, dict[str, Array]]:
@@ -45,6 +46,8 @@ def diffusion_loss(
       t: ``(B,)`` times in (0, pi/2].
       sigma_d: data standard deviation.
       labels: int ``(B,)`` class labels (-1 = null) or None.
+      guidance: ``(B,)`` guidance input of a network that takes one (DMD's critic of a student
+        with a guidance input), or None.
       key: dropout key (dropout and label dropout on), or None.
       time_edges: inner edges of the time bins of the per-bin diagnostic.
     Returns:
@@ -55,7 +58,7 @@ def diffusion_loss(
     D = math.prod(x0.shape[1:])
     x_t = trigflow.add_noise(x0, z, t)
     v_t = trigflow.velocity_target(x0, z, t)
-    F = apply_fn(params["net"], x_t / sigma_d, t, labels, None, key)
+    F = apply_fn(params["net"], x_t / sigma_d, t, labels, guidance, key)
     sq_err = per_sample_sum((sigma_d * F - v_t) ** 2)
     w = None if weight_fn is None else weight_fn(params["weight"], t)
     per_sample = weighted_loss(sq_err, w, D)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from scm_jax.networks.edm2_unet import EDM2UNet
+from scm_jax.networks.embeddings import FOURIER_PARAMS, fourier_constants
 from scm_jax.networks.layers import MPConv, project_weights
 from scm_jax.networks.mlp import MLPNet
 from scm_jax.networks.presets import EDM2_CHANNELS
@@ -138,7 +139,8 @@ class NetworkDef:
         return self._init(key, per_leaf=True)
 
     def _init(self, key: jax.Array, per_leaf: bool = False) -> dict[str, Any]:
-        """MP weights N(0, 1), gains zero, then the unit-RMS projection.
+        """MP weights N(0, 1), gains zero, stored Fourier features their fixed draw, then the
+        unit-RMS projection.
 
         Equivalent in distribution to the modules' initialisers (MPConv: N(0, 1) weights;
         gains: 0). By default all weights come from one draw (one random op instead of one per
@@ -152,15 +154,19 @@ class NetworkDef:
             name = getattr(path[-1], "key", None)
             if name == "weight" and len(leaf.shape) >= 2:
                 n_weights += leaf.size
-            elif len(leaf.shape) != 0:
+            elif len(leaf.shape) != 0 and not (name in FOURIER_PARAMS and len(leaf.shape) == 1):
                 raise TypeError(
-                    f"parameter {jax.tree_util.keystr(path)} is neither an MP weight nor a "
-                    "scalar gain; NetworkDef.init only knows those two kinds"
+                    f"parameter {jax.tree_util.keystr(path)} is neither an MP weight, a scalar "
+                    "gain nor stored Fourier features; NetworkDef.init only knows those kinds"
                 )
         noise = None if per_leaf else jax.random.normal(key, (n_weights,), self.param_dtype)
         out, offset = [], 0
-        for i, (_path, leaf) in enumerate(paths_leaves):
-            if len(leaf.shape) < 2:
+        for i, (path, leaf) in enumerate(paths_leaves):
+            name = getattr(path[-1], "key", None)
+            if name in FOURIER_PARAMS and len(leaf.shape) == 1:  # 'edm2_fourier': the fixed draw
+                value = fourier_constants(leaf.shape[0])[FOURIER_PARAMS.index(name)]
+                out.append(jnp.asarray(value, leaf.dtype))
+            elif len(leaf.shape) < 2:
                 out.append(jnp.zeros(leaf.shape, leaf.dtype))
             elif per_leaf:
                 out.append(jax.random.normal(jax.random.fold_in(key, i), leaf.shape, leaf.dtype))

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from scm_jax.networks.embeddings import (
     C_NOISE_MODES,
     TIME_EMBEDDINGS,
+    StoredFourier,
     c_noise,
     positional_embedding,
     time_embedding,
@@ -90,7 +91,8 @@ class ConditionEmbedding(nn.Module):
       num_classes: K (0: unconditional network, labels must be None).
       guidance_input: whether the network takes a per-sample guidance scale.
       label_dropout: probability of replacing a label by the null label in training (CFG).
-      time_embedding: ``'positional'`` (sCM) or ``'fourier'`` (EDM2).
+      time_embedding: ``'positional'`` (sCM), ``'fourier'`` (EDM2) or ``'edm2_fourier'``
+        (EDM2 with stored frequencies, for imported weights).
       c_noise_mode: ``'t'`` (sCM) or ``'edm'`` (EDM2's ln(sigma)/4).
       c_noise_scale: multiplier of t when ``c_noise_mode='t'`` (1 in the paper).
       sigma_d: data std, needed by ``c_noise_mode='edm'``.
@@ -119,9 +121,11 @@ class ConditionEmbedding(nn.Module):
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         fdtype = jnp.promote_types(t.dtype, jnp.float32)
         c = c_noise(t, self.c_noise_mode, self.sigma_d, self.c_noise_scale)
-        emb = MPConv(self.emb_channels, name="emb_noise", **kw)(
-            time_embedding(c, self.time_embedding, self.noise_channels)
-        )
+        if self.time_embedding == "edm2_fourier":
+            feats = StoredFourier(self.noise_channels, self.param_dtype, name="emb_fourier")(c)
+        else:
+            feats = time_embedding(c, self.time_embedding, self.noise_channels)
+        emb = MPConv(self.emb_channels, name="emb_noise", **kw)(feats)
         if self.guidance_input:
             if guidance is None:
                 raise ValueError(

@@ -9,7 +9,9 @@ with positional (sinusoidal) embeddings. The stock EDM2 pair stays available for
 from __future__ import annotations
 
 import math
+from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,7 +19,8 @@ import numpy as np
 Array = jax.Array
 
 C_NOISE_MODES = ("t", "edm")
-TIME_EMBEDDINGS = ("positional", "fourier")
+TIME_EMBEDDINGS = ("positional", "fourier", "edm2_fourier")
+FOURIER_PARAMS = ("freqs", "phases")  # the 1-D parameters of StoredFourier
 
 
 def c_noise(t: Array, mode: str, sigma_d: float, scale: float = 1.0) -> Array:
@@ -55,11 +58,28 @@ def positional_embedding(x: Array, num_channels: int, max_period: float = 10000.
     return math.sqrt(2) * jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
+def fourier_constants(
+    num_channels: int, bandwidth: float = 1.0, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """EDM2's Fourier frequencies 2 pi f, f ~ N(0, bandwidth^2), and phases 2 pi phi,
+    phi ~ U[0, 1): numpy float64 ``(C,)`` each, drawn from ``seed``."""
+    rng = np.random.RandomState(seed)
+    freqs = 2 * np.pi * rng.randn(num_channels) * bandwidth
+    phases = 2 * np.pi * rng.rand(num_channels)
+    return freqs, phases
+
+
+def fourier_features(x: Array, freqs: Array, phases: Array) -> Array:
+    """sqrt(2) cos(freqs x + phases) (EDM2 Eq. 75): ``(B,)`` x ``(C,)`` -> ``(B, C)``, x's dtype."""
+    args = x[:, None] * jnp.asarray(freqs, x.dtype)[None, :] + jnp.asarray(phases, x.dtype)
+    return math.sqrt(2) * jnp.cos(args)
+
+
 def fourier_embedding(x: Array, num_channels: int, bandwidth: float = 1.0, seed: int = 0) -> Array:
     """EDM2's magnitude-preserving Fourier features (EDM2 Eq. 75): sqrt(2) cos(2 pi (f x + phi)).
 
     Frequencies f ~ N(0, bandwidth^2) and phases phi ~ U[0, 1) are fixed constants drawn from
-    ``seed`` (EDM2 keeps them as non-trainable buffers; here they are part of the function).
+    ``seed`` (:func:`fourier_constants`; here they are part of the function).
 
     Args:
       x: ``(B,)`` float.
@@ -67,17 +87,37 @@ def fourier_embedding(x: Array, num_channels: int, bandwidth: float = 1.0, seed:
     Returns:
       ``(B, C)`` in the dtype of ``x``.
     """
-    rng = np.random.RandomState(seed)
-    freqs = 2 * np.pi * rng.randn(num_channels) * bandwidth
-    phases = 2 * np.pi * rng.rand(num_channels)
-    args = x[:, None] * jnp.asarray(freqs, x.dtype)[None, :] + jnp.asarray(phases, x.dtype)
-    return math.sqrt(2) * jnp.cos(args)
+    return fourier_features(x, *fourier_constants(num_channels, bandwidth, seed))
+
+
+class StoredFourier(nn.Module):
+    """Fourier features whose frequencies and phases are parameters (EDM2's ``MPFourier``).
+
+    Parameters ``freqs`` and ``phases`` ``(C,)`` start at :func:`fourier_constants` (the draw of
+    ``'fourier'``) and never train (a stop-gradient): an imported EDM2 model brings its own.
+    ``(B,)`` -> ``(B, C)`` in the dtype of the input.
+    """
+
+    num_channels: int
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """Return sqrt(2) cos(freqs x + phases) ``(B, C)``."""
+        f0, p0 = fourier_constants(self.num_channels)
+        init = lambda v: lambda key, shape, dtype: jnp.asarray(v, dtype)  # noqa: E731
+        freqs = self.param("freqs", init(f0), (self.num_channels,), self.param_dtype)
+        phases = self.param("phases", init(p0), (self.num_channels,), self.param_dtype)
+        return fourier_features(x, jax.lax.stop_gradient(freqs), jax.lax.stop_gradient(phases))
 
 
 def time_embedding(x: Array, kind: str, num_channels: int) -> Array:
-    """Embed ``(B,)`` as ``(B, C)``: :func:`positional_embedding` or :func:`fourier_embedding`."""
+    """Embed ``(B,)`` as ``(B, C)``: :func:`positional_embedding` or :func:`fourier_embedding`
+    (``'edm2_fourier'`` has parameters: use :class:`StoredFourier`)."""
     if kind == "positional":
         return positional_embedding(x, num_channels)
     if kind == "fourier":
         return fourier_embedding(x, num_channels)
+    if kind == "edm2_fourier":
+        raise ValueError("'edm2_fourier' features are parameters: use the StoredFourier module")
     raise ValueError(f"unknown time embedding {kind!r}; expected one of {TIME_EMBEDDINGS}")

@@ -177,7 +177,9 @@ def conv2d_same(x: Array, w: Array, impl: str = "auto") -> Array:
     :data:`MATMUL_DW_MIN_POSITIONS` output positions, ``'xla'`` otherwise.
     """
     if impl == "auto":
-        positions = x.shape[0] * x.shape[1] * x.shape[2]
+        # A symbolic batch (jax.export) has no size to compare: 'xla' (same forward values).
+        static = all(isinstance(d, int) for d in x.shape[:3])
+        positions = x.shape[0] * x.shape[1] * x.shape[2] if static else 0
         on_cpu = jax.default_backend() == "cpu"
         impl = "matmul_dw" if on_cpu and positions >= MATMUL_DW_MIN_POSITIONS else "xla"
     if impl == "xla":

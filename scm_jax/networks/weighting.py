@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from scm_jax.networks.embeddings import c_noise, time_embedding
+from scm_jax.networks.embeddings import StoredFourier, c_noise, time_embedding
 from scm_jax.networks.layers import MPConv
 
 Array = jax.Array
@@ -41,5 +41,8 @@ class AdaptiveWeight(nn.Module):
         if t.ndim != 1 or not jnp.issubdtype(t.dtype, jnp.floating):
             raise ValueError(f"w_phi(t) takes float times of shape (B,), got {t.shape} {t.dtype}")
         c = c_noise(t, self.c_noise_mode, self.sigma_d, self.c_noise_scale)
-        feats = time_embedding(c, self.time_embedding, self.channels)
+        if self.time_embedding == "edm2_fourier":
+            feats = StoredFourier(self.channels, self.param_dtype, name="fourier")(c)
+        else:
+            feats = time_embedding(c, self.time_embedding, self.channels)
         return MPConv(1, name="linear", param_dtype=self.param_dtype)(feats)[:, 0]

@@ -3,7 +3,8 @@
 * flow-map error: mean ||f_theta(z, t_max) - Phi(z)|| / data std, with Phi the exact PF-ODE flow
   map from t_max to 0 (``gmm.flow_map``) -- what sCD should learn;
 * sliced Wasserstein-2 to fresh data of 1-step and 2-step samples, of the exact teacher's samples
-  Phi(z), and of a second data set (the noise floor of the metric at this sample size).
+  Phi(z), and of a second data set (the noise floor of the metric at this sample size);
+* mode coverage and precision of 1- and 2-step samples and of data (``metrics.mode_statistics``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from scm_jax import trigflow
 from scm_jax.guidance import ApplyFn
 from scm_jax.sampling import sample_consistency
 from scm_jax.toy.gmm import GaussianMixture, flow_map
-from scm_jax.toy.metrics import sliced_wasserstein
+from scm_jax.toy.metrics import mode_statistics, sliced_wasserstein
 
 Array = jax.Array
 
@@ -70,4 +71,36 @@ def evaluate_consistency_model(
         "sw_teacher": sw(phi),
         "sw_data_floor": sw(gmm.sample(k_floor, n)),
         "sw_noise": sw(z),
+    }
+
+
+def evaluate_modes(
+    apply_fn: ApplyFn,
+    params: Any,
+    gmm: GaussianMixture,
+    key: Array,
+    *,
+    sigma_d: float = 0.5,
+    sigma_max: float = 80.0,
+    t_mid: float = 1.1,
+    num_samples: int = 8192,
+) -> dict[str, dict[str, Any]]:
+    """Mode coverage and precision (``metrics.mode_statistics``) of a student on ``gmm``.
+
+    Arguments as :func:`evaluate_consistency_model`. Returns ``{'modes_1step', 'modes_2step',
+    'modes_data'}``, the last of fresh data (the reference at this sample size).
+    """
+    t_max = trigflow.t_max(sigma_max, sigma_d)
+    k1, k2, k_data = jax.random.split(key, 3)
+    shape = (num_samples, gmm.dim)
+    arrays = gmm.arrays()
+
+    def sample(times: tuple[float, ...], k: Array) -> Array:
+        run = jax.jit(lambda p, k: sample_consistency(apply_fn, p, k, shape, times, sigma_d))
+        return run(params, k)
+
+    return {
+        "modes_1step": mode_statistics(sample((t_max,), k1), *arrays),
+        "modes_2step": mode_statistics(sample((t_max, t_mid), k2), *arrays),
+        "modes_data": mode_statistics(gmm.sample(k_data, num_samples), *arrays),
     }

@@ -1,19 +1,21 @@
-"""Distances between two sets of samples: sliced Wasserstein-2 and RBF-kernel MMD^2.
+"""Distances between two sets of samples (sliced Wasserstein-2, RBF-kernel MMD^2), and the mode
+coverage and precision of samples of a Gaussian mixture.
 
-Both take ``(N, ...)`` arrays (flattened to ``(N, D)``), run as one jitted program each, and return
-a scalar in the dtype of the inputs.
+The distances take ``(N, ...)`` arrays (flattened to ``(N, D)``), run as one jitted program each,
+and return a scalar in the dtype of the inputs.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 Array = jax.Array
 
-__all__ = ["mmd_rbf", "sliced_wasserstein"]
+__all__ = ["mmd_rbf", "mode_statistics", "sliced_wasserstein"]
 
 
 def _flat(x: Array) -> Array:
@@ -91,3 +93,48 @@ def mmd_rbf(
     if not bandwidths or min(bandwidths) <= 0:
         raise ValueError(f"mmd_rbf bandwidths must be non-empty and > 0; got {bandwidths}")
     return _mmd_rbf(x, y.astype(x.dtype), bandwidths)
+
+
+@jax.jit
+def _nearest_mode(x: Array, means: Array) -> tuple[Array, Array]:
+    d = jnp.linalg.norm(x[:, None, :] - means[None, :, :], axis=-1)  # (N, K)
+    k = jnp.argmin(d, axis=-1)
+    return k, jnp.take_along_axis(d, k[:, None], axis=-1)[:, 0]
+
+
+def mode_statistics(
+    x: Array, means: Array, stds: Array, weights: Array, radius: float = 2.0
+) -> dict[str, Any]:
+    """Mode coverage and precision of samples of a Gaussian mixture (each sample belongs to its
+    nearest component mean).
+
+    Coverage: the mass per mode against the mixture weights -- ``mass`` ``(K,)``, ``coverage_tv``
+    = 1/2 sum_k |mass_k - w_k| (0: every mode at its weight), ``modes_covered`` (modes holding at
+    least half their weight). Precision: the distance of a sample to its nearest mode in units of
+    that component's std -- ``precision_dist`` (mean; for exact samples of well separated 2-D
+    components sqrt(pi / 2) = 1.2533) and ``precision_in_radius`` (fraction within ``radius``
+    stds; 1 - e^{-2} = 0.8647 for 2-D components at radius 2). Smaller distances mean sharper
+    samples; a smaller ``coverage_tv`` means more faithful diversity.
+
+    Args:
+      x: ``(N, D)`` samples; means ``(K, D)``, stds ``(K,)``, weights ``(K,)`` of the mixture.
+      radius: the in-mode radius in component stds.
+    Returns:
+      Python floats and a ``mass`` list.
+    """
+    x = jnp.asarray(x).reshape(x.shape[0], -1)
+    means, stds, weights = (jnp.asarray(a, x.dtype) for a in (means, stds, weights))
+    if means.ndim != 2 or means.shape[1] != x.shape[1]:
+        raise ValueError(
+            f"means must be (K, {x.shape[1]}) for samples {x.shape}; got {means.shape}"
+        )
+    k, dist = _nearest_mode(x, means)
+    mass = jnp.bincount(k, length=means.shape[0]) / x.shape[0]
+    rel = dist / stds[k]
+    return {
+        "mass": [float(m) for m in mass],
+        "coverage_tv": float(0.5 * jnp.sum(jnp.abs(mass - weights))),
+        "modes_covered": int(jnp.sum(mass >= 0.5 * weights)),
+        "precision_dist": float(jnp.mean(rel)),
+        "precision_in_radius": float(jnp.mean(rel <= radius)),
+    }

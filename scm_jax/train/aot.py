@@ -28,11 +28,13 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from scm_jax import sharding
+from scm_jax.configlib import DISTILL_OBJECTIVES, DMD_OBJECTIVES
 from scm_jax.guidance import ApplyFn
 from scm_jax.losses import proposal_time_edges
 from scm_jax.networks import NetworkDef, build_network
 from scm_jax.optim import make_optimizer
 from scm_jax.sharding import MESH_AXES, activation_rules, batch_sharding, make_mesh
+from scm_jax.train import dmd_config
 from scm_jax.train.state import TrainState, abstract_state, init_state
 from scm_jax.train.step import StepFn, make_train_step
 
@@ -92,6 +94,10 @@ def train_step_from_config(
     Raises:
       ValueError: options ``make_train_step`` refuses (one clear message).
     """
+    if config.objective in DMD_OBJECTIVES:  # DMD / rCM: generator + critic (train.step_dmd)
+        return dmd_config.dmd_step_from_config(
+            config, nd, teacher_apply_fn, mesh=mesh, tx=tx, schedule=schedule
+        )
     if tx is None or schedule is None:
         tx, schedule = make_optimizer(**config.optim, batch_size=config.batch_size)
     sigma_d = float(config.trigflow.sigma_d)
@@ -128,20 +134,34 @@ def abstract_train_state(
     config: ml_collections.ConfigDict, nd: NetworkDef, tx: optax.GradientTransformation
 ) -> TrainState:
     """The train state of ``config`` as ``jax.ShapeDtypeStruct`` leaves (nothing materialised)."""
-    return jax.eval_shape(
-        lambda key: init_state(nd, tx, key, **ema_options(config)), jax.random.key(0)
-    )
+    return jax.eval_shape(state_fn(config, nd, tx), jax.random.key(0))
+
+
+def state_fn(
+    config: ml_collections.ConfigDict, nd: NetworkDef, tx: optax.GradientTransformation,
+    *, per_leaf: bool = False,
+) -> Any:  # fmt: skip
+    """``make_state(key, init_net=None) -> TrainState`` of ``config``: ``init_state``, or with
+    the critic for DMD / rCM (``dmd_config.dmd_state_fn``)."""
+    if config.objective in DMD_OBJECTIVES:
+        return dmd_config.dmd_state_fn(config, nd, tx, per_leaf=per_leaf)
+
+    def make_state(key: jax.Array, init_net: Any = None) -> TrainState:
+        return init_state(nd, tx, key, **ema_options(config), init_net=init_net, per_leaf=per_leaf)
+
+    return make_state
 
 
 def abstract_teacher(
     config: ml_collections.ConfigDict,
 ) -> tuple[ApplyFn | None, Any]:
-    """sCD's teacher without a checkpoint: ``(apply_fn, abstract net params or None)``.
+    """The teacher (sCD, DMD, rCM) without a checkpoint: ``(apply_fn, abstract net params or
+    None)``.
 
     A network teacher has the student's architecture (:func:`teacher_model_config`); the toy
     config's exact mixture teacher has no parameters. Other objectives: ``(None, None)``.
     """
-    if config.objective != "scd":
+    if config.objective not in DISTILL_OBJECTIVES:
         return None, None
     if config.teacher.get("kind", "network") == "exact_gmm":
         from scm_jax.toy.gmm import GaussianMixture, teacher_apply_fn
@@ -177,10 +197,8 @@ def lower_train_step(config: ml_collections.ConfigDict, mesh: Mesh) -> Any:
     teacher_fn, teacher_net = abstract_teacher(config)
     step_fn = train_step_from_config(config, nd, teacher_fn, mesh=mesh, tx=tx, schedule=schedule)
 
-    def make_state(key: jax.Array) -> TrainState:
-        return init_state(nd, tx, key, **ema_options(config))
-
-    state, shardings = abstract_state(make_state, mesh, jax.random.key(0), rules=rules)
+    state, shardings = abstract_state(state_fn(config, nd, tx), mesh, jax.random.key(0),
+                                      rules=rules)  # fmt: skip
     state = jax.tree.map(_sds, state, shardings)
     x_sharding = batch_sharding(mesh, rules)
     b = int(config.batch_size)

@@ -2,7 +2,8 @@
 
 A run's workdir holds ``checkpoints/<step>/`` with three items:
 
-* ``state``: ``{'step', 'params', 'opt_state', 'rng'}`` (everything but the EMAs);
+* ``state``: ``{'step', 'params', 'opt_state', 'rng'}`` (everything but the EMAs), and
+  ``'critic'`` for DMD / rCM runs (the fake score and its optimiser state);
 * ``emas``: ``{name: network params}``, what samplers, teachers and exports load on their own;
 * ``meta``: JSON ``{'step', 'nimg', 'batch_size', 'seed', 'ema_names', 'objective',
   'identity', 'nonfinite_steps_total', 'nonfinite_in_a_row', 'time'}``; ``identity`` holds the
@@ -109,12 +110,15 @@ def split_state(state: TrainState) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(state item, emas item)`` of a TrainState (see the module docstring)."""
     item = {"step": state.step, "params": state.params, "opt_state": state.opt_state,
             "rng": state.rng}  # fmt: skip
+    if state.critic is not None:  # DMD / rCM only: other runs' checkpoints keep their layout
+        item["critic"] = state.critic
     return item, state.emas
 
 
 def join_state(item: dict[str, Any], emas: dict[str, Any]) -> TrainState:
     """Inverse of :func:`split_state`."""
-    return TrainState(item["step"], item["params"], item["opt_state"], emas, item["rng"])
+    return TrainState(item["step"], item["params"], item["opt_state"], emas, item["rng"],
+                      item.get("critic"))  # fmt: skip
 
 
 class Checkpointer:

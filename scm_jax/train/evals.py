@@ -57,7 +57,7 @@ class PeriodicEval:
         else:
             self.settings = [(f"{int(s)}step", int(s)) for s in ev.steps]
         self.teacher_steps = None
-        if self.objective == "scd" and ev.teacher_nfe:
+        if self.objective in ("scd", "dmd", "rcm") and ev.teacher_nfe:
             self.teacher_steps = runner.heun_steps(ev.teacher_nfe)
         self.ref = fid.load_stats(ev.ref)
         meta = self.ref[3]

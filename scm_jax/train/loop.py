@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from scm_jax import configlib
 from scm_jax.data.prefetch import Prefetcher
 from scm_jax.data.sources import load_dataset
 from scm_jax.losses import proposal_time_edges
@@ -34,6 +35,7 @@ from scm_jax.optim import make_optimizer
 from scm_jax.sampler import Sampler
 from scm_jax.sharding import activation_rules, batch_sharding, check_batch, mesh_from_config
 from scm_jax.train import metrics as metrics_lib
+from scm_jax.train.aot import state_fn, train_step_from_config
 from scm_jax.train.checkpoint import Checkpointer
 from scm_jax.train.evals import PeriodicEval
 from scm_jax.train.previews import write_previews
@@ -109,7 +111,8 @@ def train(
             f"the data's examples have shape {tuple(source.shape)} but the network takes "
             f"{nd.sample_shape} (dataset.shape / model.img_resolution / img_channels)"
         )
-    teacher = load_teacher(config, mesh) if config.objective == "scd" else None
+    distil = config.objective in configlib.DISTILL_OBJECTIVES  # sCD, DMD, rCM
+    teacher = load_teacher(config, mesh) if distil else None
     tx, schedule = make_optimizer(**config.optim, batch_size=config.batch_size)
 
     ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints)
@@ -118,6 +121,8 @@ def train(
     per_leaf = mesh.shape["fsdp"] * mesh.shape["tensor"] > 1  # params split: draw per leaf
 
     def make_state(key, init_net):
+        if config.objective in configlib.DMD_OBJECTIVES:  # with the critic (train.step_dmd)
+            return state_fn(config, nd, tx, per_leaf=per_leaf)(key, init_net)
         return init_state(nd, tx, key, **ema_cfg, init_net=init_net, per_leaf=per_leaf)
 
     key = jax.random.key(config.seed)
@@ -149,7 +154,11 @@ def train(
     total_steps = math.ceil(config.total_kimg * 1000 / config.batch_size)
     start = int(state.step)
     cm = config.objective != "diffusion"
-    step_fn = make_train_step(
+    dmd_step = None
+    if config.objective in configlib.DMD_OBJECTIVES:  # generator + critic (train.step_dmd)
+        dmd_step = train_step_from_config(config, nd, teacher.apply_fn, mesh=mesh, tx=tx,
+                                          schedule=schedule)  # fmt: skip
+    step_fn = dmd_step or make_train_step(
         nd, tx, schedule, objective=config.objective, sigma_d=sigma_d,
         P_mean=config.trigflow.P_mean, P_std=config.trigflow.P_std,
         batch_size=config.batch_size, **ema_cfg,

@@ -23,6 +23,11 @@ name                   metric                 meaning
 ``learning_rate``      Last                   the last learning rate
 ``warmup_r``           Last                   the last tangent warm-up coefficient r
 ``loss_per_time_bin``  VectorAverage          loss per time bin, ``(K,)``
+``dmd_loss``           Average                DMD / rCM: the DMD term ||Delta||^2 (before lambda)
+``regression_loss``    Average                DMD: the regression term (when on)
+``critic_loss``        Average                DMD / rCM: the fake score's diffusion loss
+``critic_grad_norm``   Average                its gradient norm
+``critic_skipped``     Average                fraction of critic updates skipped (not finite)
 =====================  =====================  ==================================================
 
 Skipped steps: when ``nonfinite_steps`` is given and non-zero for a step, all of that step's
@@ -59,7 +64,8 @@ AUX_TO_METRIC: dict[str, str] = {
 }
 
 # Values kept even for a skipped step.
-_ALWAYS_KEPT = ("nonfinite_steps", "learning_rate", "warmup_r")
+_ALWAYS_KEPT = ("nonfinite_steps", "learning_rate", "warmup_r", "critic_loss", "critic_grad_norm",
+                "critic_skipped")  # fmt: skip
 
 
 @flax.struct.dataclass
@@ -173,6 +179,11 @@ class TrainMetrics(clu.metrics.Collection):
     learning_rate: Last
     warmup_r: Last
     loss_per_time_bin: VectorAverage
+    dmd_loss: clu.metrics.Average
+    regression_loss: clu.metrics.Average
+    critic_loss: clu.metrics.Average
+    critic_grad_norm: clu.metrics.Average
+    critic_skipped: clu.metrics.Average
 
 
 FIELDS: tuple[str, ...] = tuple(k for k in TrainMetrics.__annotations__ if not k.startswith("_"))

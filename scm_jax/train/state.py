@@ -35,6 +35,8 @@ class TrainState:
       opt_state: the optax state of ``params``.
       emas: ``{name: net params}``, one per EMA profile (``scm_jax.ema.ema_names``).
       rng: ``(2,)`` uint32 key data of the run's base key (``jax.random.key_data``).
+      critic: DMD / rCM's fake score ``{'params': {'net', 'weight'}, 'opt_state'}``
+        (``scm_jax.train.step_dmd``); None for the other objectives.
     """
 
     step: Array
@@ -42,6 +44,7 @@ class TrainState:
     opt_state: Any
     emas: dict[str, Any]
     rng: Array
+    critic: Any = None
 
     def key(self) -> Array:
         """The run's typed base PRNG key."""

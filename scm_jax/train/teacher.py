@@ -17,6 +17,7 @@ import jax
 from jax.sharding import Mesh
 
 from scm_jax.ema import ema_names
+from scm_jax.export.files import is_export, load_export
 from scm_jax.guidance import ApplyFn
 from scm_jax.networks import NetworkDef, build_network
 from scm_jax.sharding import DEFAULT_RULES, state_shardings
@@ -64,6 +65,31 @@ def ema_name_for(
     return names[0]
 
 
+def check_export_ema(
+    cfg: Mapping[str, Any], where: str | Path, *, sigma_rel: float = 0.0, ema: str | None = None,
+    step: int | None = None,
+) -> str:  # fmt: skip
+    """The EMA name of an export folder's weights, checked against what a caller asks for.
+
+    An export holds one set of weights: ``ema`` or ``step`` must name them, and ``sigma_rel``
+    must match when the export is of a power EMA (an export of another kind, such as an EDM2
+    import, is taken whatever ``sigma_rel`` says).
+
+    Raises:
+      ValueError: the export holds other weights (the message says which).
+    """
+    name = str(cfg.get("ema"))
+    if ema is not None and ema != name:
+        raise ValueError(f"{where} is an export of EMA {name!r}; no {ema!r}")
+    if step is not None and step != cfg.get("step"):
+        raise ValueError(f"{where} is an export of step {cfg.get('step')}; no step {step}")
+    want = f"power_{sigma_rel:.3f}"
+    if sigma_rel and name.startswith("power_") and name != want:
+        raise ValueError(f"{where} is an export of EMA {name}, not {want}; set "
+                         "--config.teacher.ema_std to match (or 0)")  # fmt: skip
+    return name
+
+
 def load_ema_params(
     workdir: str | Path, model_cfg: Mapping[str, Any] | None, mesh: Mesh | None, *,
     sigma_rel: float = 0.0, ema: str | None = None, what: str = "checkpoint",
@@ -72,7 +98,8 @@ def load_ema_params(
     """Load a run's EMA network parameters, sharded over ``mesh``.
 
     Args:
-      workdir: the other run's folder.
+      workdir: the other run's folder, or an export folder (``scm-jax export``/``import-edm2``;
+        its one set of weights, see :func:`check_export_ema`).
       model_cfg: the ``model`` section the parameters must fit (dropout/guidance may differ);
         None: the run's own network (no check).
       mesh: where to place them (sharded by ``rules`` like a student); None: the first device.
@@ -90,15 +117,19 @@ def load_ema_params(
     run_cfg = load_run_config(workdir)
     if model_cfg is not None:
         check_same_architecture(model_cfg, run_cfg["model"], what=what, where=str(workdir))
-    name = ema_name_for(run_cfg, sigma_rel, ema)
     nd = build_network(run_cfg["model"])
     abstract_net = nd.abstract_params()["net"]
-    all_names = ema_names(run_cfg["ema"]["power_std"], run_cfg["ema"]["halflife_kimg"])
     if mesh is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shard = jax.tree.map(lambda _: device, abstract_net)
     else:
         shard = state_shardings(abstract_net, mesh, rules)
+    if is_export(workdir):  # an export folder: one set of weights (scm_jax.export.files)
+        params, cfg = load_export(workdir)
+        name = check_export_ema(cfg, workdir, sigma_rel=sigma_rel, ema=ema, step=step)
+        return jax.device_put(params, shard), cfg, name
+    name = ema_name_for(run_cfg, sigma_rel, ema)
+    all_names = ema_names(run_cfg["ema"]["power_std"], run_cfg["ema"]["halflife_kimg"])
     target_one = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_net, shard
     )
@@ -111,7 +142,7 @@ def load_ema_params(
 
 
 def load_teacher(config: Any, mesh: Mesh) -> Teacher:
-    """The teacher a sCD config asks for.
+    """The teacher a sCD, DMD or rCM config asks for.
 
     Raises:
       ValueError: no teacher configured (the message says how to train one), a teacher that is
@@ -121,19 +152,22 @@ def load_teacher(config: Any, mesh: Mesh) -> Teacher:
     if t_cfg.get("kind", "") == "exact_gmm":
         from scm_jax.toy.gmm import GaussianMixture, teacher_apply_fn
 
-        gmm = GaussianMixture.from_dict(config.dataset)
+        gmm = GaussianMixture.from_dict(
+            {k: config.dataset[k] for k in ("means", "stds", "weights")}
+        )
         return Teacher(teacher_apply_fn(gmm, config.trigflow.sigma_d), None, None, "exact_gmm")
+    name = {"scd": "sCD", "dmd": "DMD", "rcm": "rCM"}.get(config.objective, config.objective)
     if not t_cfg.workdir:
         raise ValueError(
-            "sCD needs a teacher: set --config.teacher.workdir=DIR to the workdir of a diffusion "
-            "run of the same architecture, trained with `scm-jax train --config "
+            f"{name} needs a teacher: set --config.teacher.workdir=DIR to the workdir of a "
+            "diffusion run of the same architecture, trained with `scm-jax train --config "
             "<config>:objective=diffusion --workdir DIR`"
         )
     run_cfg = load_run_config(t_cfg.workdir)
     if run_cfg.get("objective") != "diffusion":
         raise ValueError(
             f"the teacher in {t_cfg.workdir} was trained with objective "
-            f"{run_cfg.get('objective')!r}; sCD distils a diffusion model (objective=diffusion)"
+            f"{run_cfg.get('objective')!r}; {name} distils a diffusion model (objective=diffusion)"
         )
     params, run_cfg, name = load_ema_params(
         t_cfg.workdir, config.model, mesh, sigma_rel=float(t_cfg.get("ema_std", 0.0) or 0.0),
