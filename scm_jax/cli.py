@@ -5,7 +5,7 @@
   scm-jax info   --config configs/imagenet512.py:size=xxl,objective=scd [--devices N] [--json]
                  [--mesh data=8,fsdp=8] [--batch B] [--micro-batches K] [--remat block]
                  [--compile | --topology v5p-64] [--config.model.dropout=0.2 ...]
-  scm-jax config --config configs/mnist.py [--json]
+  scm-jax config --config configs/mnist.py [--json | --check]
   scm-jax fid-weights --from pt_inception-2015-12-05-6726825d.pth --out weights/
   scm-jax fid-stats --data /data/cifar10/train.tar.gz --out c10_train.npz [--num N]
                     [--ref other.npz] [--inception weights/inception_fid.npz]
@@ -17,6 +17,11 @@
 
 ``--config`` takes ``path.py[:arg]`` (``configs/`` may be omitted: ``imagenet512:size=xxl``);
 ``--config.a.b=value`` overrides a field, with ml-collections' parsing and type checks.
+
+Errors a user can cause (a bad config, a missing path, a wrong argument) print one message
+(``scm-jax <command>: error: ...``, one line per problem) without a traceback and exit with 2;
+a training run stopped by non-finite steps exits with 1, one stopped by a signal with 128 + its
+number (docs/reliability.md lists the messages).
 """
 
 from __future__ import annotations
@@ -35,7 +40,12 @@ from scm_jax import configlib
 
 
 class UsageError(Exception):
-    """A mistake on the command line or in the config; printed without a traceback."""
+    """A mistake on the command line or in the config; printed without a traceback (exit 2)."""
+
+
+class CommandError(Exception):
+    """A command that ran but could not finish (e.g. training diverged); printed without a
+    traceback (exit 1)."""
 
 
 def split_config_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -185,10 +195,23 @@ def cmd_info(config: ml_collections.ConfigDict, argv: Sequence[str]) -> int:
 
 
 def cmd_config(config: ml_collections.ConfigDict, argv: Sequence[str]) -> int:
-    """``scm-jax config``: print the resolved config (after arguments and overrides)."""
+    """``scm-jax config``: print the resolved config (after arguments and overrides), or
+    ``--check`` it as ``train`` does at start-up (every problem, one line each)."""
     parser = argparse.ArgumentParser(prog="scm-jax config", description=cmd_config.__doc__)
     parser.add_argument("--json", action="store_true", help="print JSON instead of YAML-like text")
+    parser.add_argument("--check", action="store_true",
+                        help="validate the config and the paths it names; print 'ok' or the "
+                        "problems (exit 2)")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.check:
+        from scm_jax.validate import validate
+
+        try:
+            validate(config)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        print("ok: the config passes the start-up checks of `scm-jax train`")
+        return 0
     print(config.to_json_best_effort(indent=2) if args.json else str(config), end="")
     return 0
 
@@ -201,12 +224,15 @@ def cmd_train(config: ml_collections.ConfigDict, argv: Sequence[str]) -> int:
     from scm_jax import distributed  # imports jax: keep `--help` fast
     from scm_jax.train.checkpoint import CheckpointError
     from scm_jax.train.loop import train
+    from scm_jax.train.stopping import NonfiniteStepsError
 
     try:
         distributed.initialize()  # before anything touches a device (multi-process runs)
         result = train(config, args.workdir)
     except (ValueError, FileNotFoundError, CheckpointError, ImportError) as e:
         raise UsageError(str(e)) from None
+    except NonfiniteStepsError as e:
+        raise CommandError(str(e)) from None
     if result["interrupted"] is not None:
         return 128 + int(result["interrupted"])
     return 0
@@ -244,15 +270,21 @@ def cmd_sample(config: ml_collections.ConfigDict, argv: Sequence[str]) -> int:
     out = Path(args.out)
     if out.suffix not in (".png", ".npz"):
         raise UsageError(f"--out {args.out!r}: use a .png (grid) or .npz file")
+    if not out.parent.is_dir():
+        raise UsageError(f"--out {args.out!r}: the folder {str(out.parent)!r} does not exist")
+    if args.num < 1 or args.steps < 1:
+        raise UsageError(f"--num ({args.num}) and --steps ({args.steps}) must be >= 1")
+    labels = parse_labels(args.labels)
+    if labels is not None and not labels:
+        raise UsageError(f"--labels {args.labels!r}: no labels given")
+    if labels is not None:
+        labels = (labels * (args.num // len(labels) + 1))[: args.num]
     import numpy as np
 
     from scm_jax import images
     from scm_jax.sampler import load_sampler
     from scm_jax.train.checkpoint import CheckpointError
 
-    labels = parse_labels(args.labels)
-    if labels is not None:
-        labels = (labels * (args.num // len(labels) + 1))[: args.num]
     try:
         sampler = load_sampler(args.workdir, ema=args.ema)
         x = sampler.sample(args.seed, args.num, steps=args.steps, labels=labels,
@@ -363,6 +395,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         print(f"scm-jax {command}: error: {e}", file=sys.stderr)
         return 2
+    except CommandError as e:
+        print(f"scm-jax {command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

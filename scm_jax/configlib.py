@@ -49,6 +49,9 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "teacher_sample_steps": 18,  # Heun steps of a teacher's grids (2 x steps - 1 NFE)
     "prefetch_batches": 2,  # host batches prepared ahead in a background thread
     "micro_batches": 1,  # gradient accumulation: the batch as k sequential micro-batches
+    # Stop (with a checkpoint) after this many steps in a row had a non-finite loss or gradient
+    # (each is skipped: nothing changes but the step counter); 0 = never stop.
+    "max_consecutive_nonfinite": 20,
 }
 # The ``evals`` section: periodic FID during training (docs/evaluation.md); off by default.
 EVAL_DEFAULTS: dict[str, Any] = {

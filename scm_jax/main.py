@@ -38,7 +38,17 @@ def main(argv: Sequence[str]) -> int:
     except distributed.DistributedConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    result = train(FLAGS.config, FLAGS.workdir, log=log)
+    from scm_jax.train.checkpoint import CheckpointError
+    from scm_jax.train.stopping import NonfiniteStepsError
+
+    try:
+        result = train(FLAGS.config, FLAGS.workdir, log=log)
+    except (ValueError, FileNotFoundError, CheckpointError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)  # one message, as `scm-jax train` gives
+        return 2
+    except NonfiniteStepsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0 if result["interrupted"] is None else 128 + int(result["interrupted"])
 
 

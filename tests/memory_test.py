@@ -173,10 +173,10 @@ def test_micro_batch_errors_are_clear():
 
 @pytest.mark.parametrize(
     "override, message",
-    [("--config.train.micro_batches=3", "not divisible by train.micro_batches 3"),
-     ("--config.train.micro_batches=0", "train.micro_batches must be an integer >= 1"),
+    [("--config.train.micro_batches=3", "not divisible by train.micro_batches=3"),
+     ("--config.train.micro_batches=0", "train.micro_batches=0: must be >= 1"),
      ("--config.train.micro_batches=2", "micro-batches"),
-     ("--config.model.remat=layers", "unknown model.remat 'layers'")],
+     ("--config.model.remat=layers", "model.remat='layers': must be one of 'none', 'block'")],
 )  # fmt: skip
 def test_train_refuses_bad_levers_with_one_line(override, message, tmp_path, capsys):
     """``scm-jax train`` stops before compiling with one line naming the field (8 devices)."""

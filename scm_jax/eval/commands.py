@@ -80,6 +80,13 @@ def _npz_shape(path: Path) -> tuple[int, ...]:
         raise ValueError(f"--data {path}: not a readable .npz file ({e})") from None
 
 
+def check_data_spec(spec: str) -> None:
+    """Raise FileNotFoundError for a ``--data`` path that does not exist (cheap: before the
+    Inception weights or any image are loaded)."""
+    if spec != "mnist5k" and not spec.startswith("tfds:") and not Path(spec).expanduser().exists():
+        raise FileNotFoundError(f"--data {spec}: no such file or folder ({SPEC_HELP})")
+
+
 def dataset_from_spec(
     spec: str, *, split: str | None = None, shape: tuple[int, ...] | None = None,
     num: int | None = None, log: Any = print,
@@ -113,9 +120,8 @@ def dataset_from_spec(
         fields = {"source": "tfds", "tfds_name": name, "split": tsplit, "shape": shape}
         desc = f"tfds {name} split {tsplit}"
     else:
+        check_data_spec(spec)
         path = Path(spec).expanduser()
-        if not path.exists():
-            raise FileNotFoundError(f"--data {spec}: no such file or folder ({SPEC_HELP})")
         if path.is_file() and path.suffix == ".npz":
             fields = {"source": "npz", "path": str(path), "shape": _npz_shape(path)[1:]}
             desc = str(path)
@@ -168,6 +174,7 @@ def fid_stats_main(argv: Sequence[str]) -> int:
     out = Path(args.out)
     if out.suffix != ".npz":
         raise ValueError(f"--out {args.out}: statistics are written as an .npz file")
+    check_data_spec(args.data)
     ref = fid.load_stats(args.ref) if args.ref else None  # a bad --ref fails before the work
     extractor = features.load_extractor(args.inception, args.resize, args.convention)
     if ref is not None:

@@ -5,28 +5,99 @@ A run's workdir holds ``checkpoints/<step>/`` with three items:
 * ``state``: ``{'step', 'params', 'opt_state', 'rng'}`` (everything but the EMAs), and
   ``'critic'`` for DMD / rCM runs (the fake score and its optimiser state);
 * ``emas``: ``{name: network params}``, what samplers, teachers and exports load on their own;
-* ``meta``: JSON ``{'step', 'nimg', 'batch_size', 'seed', 'ema_names', 'objective'}``.
+* ``meta``: JSON ``{'step', 'nimg', 'batch_size', 'seed', 'ema_names', 'objective',
+  'identity', 'nonfinite_steps_total', 'nonfinite_in_a_row', 'time'}``; ``identity`` holds the
+  config fields that decide the saved state and the data order
+  (``scm_jax.train.workdir.run_identity``; checkpoints written before it existed lack it).
 
 The data position is a pure function of (seed, step) (``scm_jax.data.arrays``) and the per-step
 randomness of (key, step), so ``state`` + ``meta`` are all a resumed run needs to continue
-bit-identically. Orbax writes each checkpoint to a temporary folder and renames it when complete,
-so a run killed mid-save leaves the previous checkpoint intact.
+bit-identically.
+
+Failure handling:
+
+* **atomic**: orbax writes each checkpoint to ``<step>.orbax-checkpoint-tmp-*`` and renames it
+  when complete; step discovery ignores such folders, so a run killed mid-save leaves the
+  previous checkpoint the newest;
+* **damaged**: :meth:`Checkpointer.restore_newest` (training) and :meth:`restore_emas` without a
+  step (samplers, teachers) fall back to the previous checkpoint with a warning when the newest
+  cannot be read (truncated or corrupted files fail orbax's reads and OCDBT's checksums);
+  :meth:`set_aside` renames a damaged one to ``<step>.damaged`` (never deleted) so the run can
+  write that step again;
+* **another run**: a checkpoint whose ``meta`` identity differs from the config raises
+  :class:`CheckpointMismatchError` naming the fields, before any array is read.
 """
 
 from __future__ import annotations
 
+import logging
+import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from scm_jax.train.state import TrainState
 
 CHECKPOINT_DIR = "checkpoints"
+DAMAGED_SUFFIX = ".damaged"  # a damaged checkpoint set aside: <step>.damaged (orbax ignores it)
+_MAX_LISTED = 8  # differing fields named in a mismatch message
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, incomplete or does not fit the run's state."""
+    """A checkpoint that is missing, incomplete or does not fit the run's state.
+
+    ``detail``: the underlying error's first line, for damaged checkpoints ('' otherwise).
+    """
+
+    def __init__(self, message: str, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A checkpoint written by a run with another identity (architecture, objective, batch...)."""
+
+
+def _warn(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+class _AbandonedReads(logging.Filter):
+    """Drops asyncio's "exception was never retrieved" reports of TensorStore reads."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (
+            "exception was never retrieved" in record.getMessage() and "tensorstore" in str(exc)
+        )
+
+
+def _ignore_closed_loop_callbacks() -> None:
+    """Orbax restores in a fresh asyncio loop that it closes as soon as the first read fails;
+    the TensorStore reads still pending then call back into the closed loop (Python reports
+    ``RuntimeError('Event loop is closed')`` through ``sys.unraisablehook``), and those that
+    failed too are garbage-collected with "Task exception was never retrieved" (asyncio's
+    logger): tracebacks on the console, some while the failing restore still runs, long after
+    its error was handled. Drop exactly those reports (installed once, by the first
+    Checkpointer); the error itself is reported as a :class:`CheckpointError`."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_scm_jax_closed_loop", False):
+        return
+    logging.getLogger("asyncio").addFilter(_AbandonedReads())
+
+    def hook(unraisable: Any) -> None:
+        if unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == (
+            "Event loop is closed"
+        ):
+            return
+        previous(unraisable)
+
+    hook._scm_jax_closed_loop = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
 
 
 def checkpoint_dir(path: str | Path) -> Path:
@@ -64,6 +135,7 @@ class Checkpointer:
         self, workdir: str | Path, *, keep: int = 3, async_save: bool = True,
         read_only: bool = False,
     ) -> None:  # fmt: skip
+        _ignore_closed_loop_callbacks()
         self.directory = checkpoint_dir(workdir)
         if read_only and not self.directory.is_dir():
             raise CheckpointError(f"no checkpoints in {str(workdir)!r} (no {self.directory})")
@@ -129,16 +201,157 @@ class Checkpointer:
             raise self._damaged(step, e) from e
         return join_state(out["state"], out["emas"])
 
-    def restore_emas(self, target: dict[str, Any], step: int | None = None) -> dict[str, Any]:
-        """Restore only the EMA trees (``{name: abstract net params}``) of checkpoint ``step``."""
-        step = self._step(step)
-        try:
-            out = self.manager.restore(
-                step, args=ocp.args.Composite(emas=ocp.args.StandardRestore(target))
+    def restore_emas(
+        self, target: dict[str, Any], step: int | None = None, *,
+        config: Mapping[str, Any] | None = None, log: Callable[[str], None] = _warn,
+    ) -> dict[str, Any]:  # fmt: skip
+        """Restore only the EMA trees (``{name: abstract net params}``) of checkpoint ``step``.
+
+        Without ``step``: the newest readable checkpoint, falling back past damaged ones with a
+        warning to ``log``. ``config``: the run's config (its ``config.json``); a checkpoint
+        whose ``model.*`` or ``ema.*`` identity differs raises :class:`CheckpointMismatchError`.
+        """
+
+        def restore(s: int) -> dict[str, Any]:
+            if config is not None:  # what decides the EMA trees (objective, batch... may differ)
+                self.check_identity(config, s, only=("model.", "ema."))
+            try:
+                out = self.manager.restore(
+                    s, args=ocp.args.Composite(emas=ocp.args.StandardRestore(target))
+                )
+            except Exception as e:
+                raise self._damaged(s, e) from e
+            return out["emas"]
+
+        if step is not None:
+            return restore(self._step(step))
+        return self._newest(restore, log)[0]
+
+    def restore_newest(
+        self, target: TrainState, *, config: Mapping[str, Any] | None = None,
+        log: Callable[[str], None] = _warn,
+    ) -> tuple[TrainState, int, list[int]]:  # fmt: skip
+        """Restore the newest checkpoint that can be read, falling back past damaged ones.
+
+        Args:
+          target: as :meth:`restore`.
+          config: the run's config; a checkpoint of another identity raises
+            :class:`CheckpointMismatchError` (no fallback: that is not damage).
+          log: where the warning about each damaged checkpoint goes.
+        Returns:
+          ``(state, its step, damaged steps newer than it)`` (left in place: see
+          :meth:`set_aside`). With several processes all agree on the oldest step any of them
+          could restore.
+        Raises:
+          CheckpointError: no checkpoint could be restored (the message has the newest's error).
+        """
+
+        def restore(s: int) -> TrainState:
+            if config is not None:
+                self.check_identity(config, s)
+            return self.restore(target, s)
+
+        state, step, damaged = self._newest(restore, log)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            agreed = int(np.min(multihost_utils.process_allgather(np.int32(step))))
+            if agreed != step:
+                state, step = restore(agreed), agreed
+                damaged = [s for s in self.all_steps() if s > agreed]
+        return state, step, damaged
+
+    def _newest(self, restore: Callable[[int], Any], log: Callable[[str], None]):
+        steps = sorted(self.all_steps(), reverse=True)
+        if not steps:
+            raise CheckpointError(f"no complete checkpoint in {self.directory}")
+        damaged: list[int] = []
+        newest_error: CheckpointError | None = None
+        for step in steps:
+            try:
+                return restore(step), step, damaged
+            except CheckpointMismatchError:
+                raise
+            except CheckpointError as e:
+                newest_error = newest_error or e
+                damaged.append(step)
+                older = [s for s in steps if s < step]
+                then = f"trying step {older[0]}" if older else "no older checkpoint"
+                log(f"warning: checkpoint {self.directory / str(step)} is damaged and was not "
+                    f"used ({e.detail or e}); {then}")  # fmt: skip
+        assert newest_error is not None
+        if len(steps) == 1:
+            raise newest_error
+        raise CheckpointError(
+            f"none of the checkpoints {sorted(steps)} in {self.directory} could be restored; the "
+            f"newest: {newest_error}"
+        )
+
+    def check_identity(
+        self, config: Mapping[str, Any], step: int | None = None, *,
+        only: tuple[str, ...] | None = None,
+    ) -> None:  # fmt: skip
+        """Raise :class:`CheckpointMismatchError` unless checkpoint ``step`` (default: the newest
+        whose ``meta`` is readable) was written by a run with ``config``'s identity (objective,
+        ``model.*``, data shape, batch, seed, EMAs, optimiser; ``only``: just the fields with
+        these prefixes). Checkpoints written before ``meta`` recorded the identity are compared
+        on their objective and batch only."""
+        from scm_jax.train.workdir import identity_diff
+
+        if step is None:
+            for s in sorted(self.all_steps(), reverse=True):
+                try:
+                    return self.check_identity(config, s, only=only)
+                except CheckpointMismatchError:
+                    raise
+                except CheckpointError:
+                    continue
+            return None
+        meta = self.read_meta(step)
+        saved = meta.get("identity")
+        if saved is None:  # an older checkpoint
+            saved = {k: meta[k] for k in ("objective", "batch_size") if k in meta}
+            diff = {k: v for k, v in identity_diff(saved, config).items() if k in saved}
+        else:
+            diff = identity_diff(saved, config)
+        if only is not None:
+            diff = {k: v for k, v in diff.items() if k.startswith(only)}
+        if diff:
+            items = list(diff.items())
+            lines = "; ".join(f"{k}: {a!r} there, {b!r} here" for k, (a, b) in items[:_MAX_LISTED])
+            if len(items) > _MAX_LISTED:
+                lines += f"; and {len(items) - _MAX_LISTED} more"
+            raise CheckpointMismatchError(
+                f"checkpoint {self.directory / str(step)} belongs to a run with another config "
+                f"({lines}). Use a new --workdir, or that run's config (its config.json); to "
+                f"start a new run from its weights, pass --config.init_from=DIR"
             )
-        except Exception as e:
-            raise self._damaged(step, e) from e
-        return out["emas"]
+        return None
+
+    def set_aside(
+        self, steps: list[int], *, is_main_process: bool = True,
+        log: Callable[[str], None] = _warn,
+    ) -> list[Path]:  # fmt: skip
+        """Rename damaged checkpoints ``<step>`` to ``<step>.damaged`` (``.damaged.1``, ... if
+        taken): orbax ignores them, nothing is deleted, and the run may write those steps
+        again. Only the main process renames; all processes then re-read the step list."""
+        moved: list[Path] = []
+        if is_main_process:
+            for step in steps:
+                src = self.directory / str(step)
+                dst, i = src.with_name(f"{step}{DAMAGED_SUFFIX}"), 0
+                while dst.exists():
+                    i += 1
+                    dst = src.with_name(f"{step}{DAMAGED_SUFFIX}.{i}")
+                src.rename(dst)
+                moved.append(dst)
+                log(f"  kept the damaged checkpoint as {dst} (not deleted)")
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("scm_jax_checkpoint_set_aside")
+        self.manager.reload()
+        return moved
 
     def wait(self) -> None:
         """Block until pending asynchronous saves are on disk."""
@@ -162,9 +375,10 @@ class Checkpointer:
 
     def _damaged(self, step: int, e: Exception) -> CheckpointError:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = f"{type(e).__name__}: {first[:300]}"
         return CheckpointError(
-            f"checkpoint {self.directory / str(step)} could not be restored ({first[:300]}). "
-            "It is damaged or was written by a run with a different model or optimiser; "
-            "nothing was changed. Point --workdir at a fresh folder, or remove that checkpoint "
-            "to fall back to an earlier one."
+            f"checkpoint {self.directory / str(step)} could not be restored ({first}). It is "
+            "damaged or was written by a run with a different model or optimiser; nothing was "
+            f"changed (checkpoints there: {self.all_steps()})",
+            detail=first,
         )

@@ -16,7 +16,6 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from scm_jax.configlib import DMD_OBJECTIVES
 from scm_jax.guidance import ApplyFn
 from scm_jax.losses import proposal_time_edges
 from scm_jax.networks import NetworkDef
@@ -24,60 +23,22 @@ from scm_jax.optim import make_optimizer
 from scm_jax.sharding import batch_sharding
 from scm_jax.train.state import TrainState
 from scm_jax.train.step import StepFn
-from scm_jax.train.step_dmd import ROLLOUTS, DMDOptions, init_dmd_state, make_dmd_train_step
+from scm_jax.train.step_dmd import DMDOptions, init_dmd_state, make_dmd_train_step
 
 NUM_TIME_BINS = 4  # the training loop's per-time-bin loss metrics
 
 
-def _is_int(v: Any, low: int) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= low
-
-
 def validate_dmd_config(config: ml_collections.ConfigDict) -> None:
-    """Raise ValueError (naming the field and the fix) for a dmd / rcm config that cannot train.
-
-    Checks the ``dmd`` section's ranges, that the teacher's guidance fits the student, and that
-    ``train.micro_batches`` is 1 (gradient accumulation is not implemented for DMD / rCM). Other
-    objectives are not checked.
+    """Raise ``scm_jax.validate.ConfigError`` (a ValueError; one line per problem) for a dmd /
+    rcm config that cannot train: the ``dmd`` section's ranges, the teacher's guidance against
+    the student, ``train.micro_batches`` = 1 (no gradient accumulation for DMD / rCM). Other
+    objectives are not checked. ``scm-jax train`` checks the same in ``scm_jax.validate``.
     """
-    if config.objective not in DMD_OBJECTIVES:
-        return
-    d = config.dmd
-    for name in ("critic_updates", "generator_steps", "regression_steps"):
-        if not _is_int(d[name], 1):
-            raise ValueError(f"dmd.{name} must be an integer >= 1, got {d[name]!r}")
-    for name in ("start_step", "regression_batch", "regression_pairs"):
-        if not _is_int(d[name], 0):
-            raise ValueError(f"dmd.{name} must be an integer >= 0, got {d[name]!r}")
-    for name in ("weight", "critic_lr", "regression_weight"):
-        if not d[name] >= 0:
-            raise ValueError(f"dmd.{name} must be >= 0, got {d[name]!r}")
-    for name in ("P_std", "critic_P_std"):
-        if not d[name] > 0:
-            raise ValueError(f"dmd.{name} must be > 0, got {d[name]!r}")
-    if d.rollout not in ROLLOUTS:
-        raise ValueError(f"unknown dmd.rollout {d.rollout!r}; choose one of {', '.join(ROLLOUTS)}")
-    if d.regression_batch > config.batch_size:
-        raise ValueError(
-            f"dmd.regression_batch ({d.regression_batch}) exceeds batch_size "
-            f"({config.batch_size}); use at most the batch (0 = the whole batch)"
-        )
-    g_min, g_max = config.teacher.guidance_min, config.teacher.guidance_max
-    if not 0 <= g_min <= g_max:
-        raise ValueError(f"need 0 <= teacher.guidance_min <= guidance_max, got [{g_min}, {g_max}]")
-    if g_min != g_max and not config.model.get("guidance_input", False):
-        raise ValueError(
-            f"teacher guidance range [{g_min}, {g_max}] needs model.guidance_input=True; a "
-            "student without it distils one fixed scale (guidance_min = guidance_max)"
-        )
-    if (g_min, g_max) != (1.0, 1.0) and not config.model.get("num_classes", 0):
-        raise ValueError("classifier-free guidance of the teacher needs a class-conditional model")
-    if config.train.get("micro_batches", 1) != 1:
-        raise ValueError(
-            f"train.micro_batches={config.train.micro_batches}: gradient accumulation is not "
-            f"implemented for objective {config.objective}; set train.micro_batches=1 and a "
-            "batch_size (or more devices) that fits"
-        )
+    from scm_jax.validate import ConfigError, dmd_problems
+
+    found = dmd_problems(config)
+    if found:
+        raise ConfigError(found)
 
 
 def critic_optimizer(

@@ -4,15 +4,18 @@ One function runs every objective from a config: it builds the mesh and network,
 and (for sCD) the teacher, creates the train state directly in its FSDP sharding (or restores the
 workdir's latest checkpoint, data position and RNG included), then steps a jitted, state-donating
 update, logging metrics, writing sample grids and checkpoints at the config's intervals (in
-images). SIGTERM / SIGINT stop it after the current step with a checkpoint, so a preempted job
-resumes exactly where it stopped.
+images). The config is validated first (``scm_jax.validate``: every problem at once, before
+anything is compiled or loaded). SIGTERM / SIGINT (and JAX's preemption notices on multi-host
+runs) stop it after the current step with a checkpoint, so a preempted job resumes exactly where
+it stopped; a run of ``train.max_consecutive_nonfinite`` skipped (non-finite) steps stops it with
+a checkpoint and :class:`~scm_jax.train.stopping.NonfiniteStepsError`
+(``scm_jax.train.stopping``). A damaged newest checkpoint is set aside and the run resumes from
+the previous one (``scm_jax.train.checkpoint``).
 """
 
 from __future__ import annotations
 
 import math
-import signal
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,22 +30,23 @@ from scm_jax import configlib
 from scm_jax.data.prefetch import Prefetcher
 from scm_jax.data.sources import load_dataset
 from scm_jax.losses import proposal_time_edges
-from scm_jax.networks import build_network, check_remat
+from scm_jax.networks import build_network
 from scm_jax.optim import make_optimizer
 from scm_jax.sampler import Sampler
 from scm_jax.sharding import activation_rules, batch_sharding, check_batch, mesh_from_config
 from scm_jax.train import metrics as metrics_lib
 from scm_jax.train.aot import state_fn, train_step_from_config
 from scm_jax.train.checkpoint import Checkpointer
-from scm_jax.train.dmd_config import validate_dmd_config
 from scm_jax.train.evals import PeriodicEval
 from scm_jax.train.previews import write_previews
 from scm_jax.train.progress import Progress
 from scm_jax.train.state import abstract_state, create_sharded_state, init_state, with_shardings
 from scm_jax.train.step import make_train_step
+from scm_jax.train.stopping import NonfiniteGuard, NonfiniteStepsError, StopSignals
 from scm_jax.train.teacher import Teacher, load_ema_params, load_teacher
-from scm_jax.train.workdir import prepare_workdir
+from scm_jax.train.workdir import prepare_workdir, run_identity
 from scm_jax.train.writers import create_writers
+from scm_jax.validate import validate
 
 NUM_TIME_BINS = 4
 
@@ -50,71 +54,6 @@ NUM_TIME_BINS = 4
 def every_steps(kimg: float, batch_size: int) -> int:
     """An interval in thousands of images as a step count (0 = never)."""
     return 0 if kimg <= 0 else max(1, round(kimg * 1000 / batch_size))
-
-
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Raise ValueError for a config that cannot train (names the field and how to fix it)."""
-    configlib.check_choice("objective", config.objective, configlib.OBJECTIVES)
-    configlib.check_choice("dataset.source", config.dataset.source, configlib.DATA_SOURCES)
-    if config.batch_size < 1 or config.total_kimg <= 0:
-        raise ValueError(
-            f"batch_size ({config.batch_size}) and total_kimg ({config.total_kimg}) must be > 0"
-        )
-    micro = config.train.micro_batches
-    if isinstance(micro, bool) or not isinstance(micro, int) or micro < 1:
-        raise ValueError(f"train.micro_batches must be an integer >= 1, got {micro!r}")
-    if config.batch_size % micro:
-        raise ValueError(
-            f"batch_size {config.batch_size} is not divisible by train.micro_batches {micro}; "
-            "choose micro_batches that divide the batch (docs/training.md#memory-levers)"
-        )
-    check_remat(config.model.get("remat", "none"), config.model.get("arch"))
-    validate_dmd_config(config)  # the dmd section (objectives dmd, rcm)
-
-
-STOP_SYNC_STEPS = 10  # multi-process runs agree on stopping every this many steps
-
-
-class _StopFlag:
-    """Set by SIGTERM / SIGINT; the loop checkpoints and returns after the current step.
-
-    With several processes a signal may reach only some of them (a preempted host), and each
-    process's Python loop runs ahead of the devices by a different amount: stopping on the local
-    flag would leave one process saving while another waits in a collective. So multi-process
-    runs stop only at steps that are multiples of :data:`STOP_SYNC_STEPS`, where all processes
-    exchange their flags (a small all-gather) and stop together if any was signalled.
-    """
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._old: dict[int, Any] = {}
-
-    def should_stop(self, step: int) -> bool:
-        """Whether to stop before ``step`` (the same answer on every process)."""
-        if jax.process_count() == 1:
-            return self.signum is not None
-        if step % STOP_SYNC_STEPS:
-            return False
-        from jax.experimental import multihost_utils
-
-        flags = multihost_utils.process_allgather(np.int32(self.signum or 0))
-        self.signum = int(np.max(flags)) or None
-        return self.signum is not None
-
-    def __enter__(self) -> _StopFlag:
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGTERM, signal.SIGINT):
-                self._old[s] = signal.signal(s, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is not None:  # a second signal: stop now
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __exit__(self, *exc: Any) -> None:
-        for s, h in self._old.items():
-            signal.signal(s, h)
 
 
 def _initial_net(config, mesh, teacher: Teacher | None, log) -> Any:
@@ -150,10 +89,13 @@ def train(
       ``{'step', 'nimg', 'seconds', 'interrupted' (signal number or None), 'samples' (paths),
       'metrics' (the last logged scalars), 'evals' ({step: periodic FID scalars})}``.
     Raises:
-      ValueError / FileNotFoundError / CheckpointError with one clear message for a bad config,
-      missing data or teacher, or a workdir holding another run; nothing is overwritten then.
+      ValueError (``scm_jax.validate.ConfigError``: every problem of the config, one line each)
+      / FileNotFoundError / CheckpointError with a clear message for a bad config, missing data
+      or teacher, a workdir holding another run or no readable checkpoint; nothing is
+      overwritten then. NonfiniteStepsError after ``train.max_consecutive_nonfinite`` skipped
+      steps in a row (a checkpoint of the last good parameters is written first).
     """
-    validate(config)
+    validate(config)  # before anything is built, compiled or loaded
     workdir = Path(workdir)
     t_start = time.time()
     sigma_d = float(config.trigflow.sigma_d)
@@ -175,10 +117,6 @@ def train(
 
     ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints)
     latest = ckpt.latest_step()
-    changes = prepare_workdir(
-        workdir, config, has_checkpoint=latest is not None, step=latest or 0,
-        is_main_process=is_main,
-    )  # fmt: skip
     ema_cfg = {"power_std": tuple(config.ema.power_std), "halflife_kimg": config.ema.halflife_kimg}
     per_leaf = mesh.shape["fsdp"] * mesh.shape["tensor"] > 1  # params split: draw per leaf
 
@@ -188,15 +126,24 @@ def train(
         return init_state(nd, tx, key, **ema_cfg, init_net=init_net, per_leaf=per_leaf)
 
     key = jax.random.key(config.seed)
-    if latest is not None:
-        meta = ckpt.read_meta(latest)
-        if meta.get("batch_size") != config.batch_size:
-            raise ValueError(
-                f"{workdir} was trained with batch_size {meta.get('batch_size')}; resume with the "
-                "same batch (the data position depends on it) or start a new --workdir"
-            )
+    counts = {}  # a resumed run's non-finite step counts
+    if latest is not None:  # another run's workdir or checkpoint: refused before any read
+        prepare_workdir(workdir, config, has_checkpoint=True, check_only=True)
+        ckpt.check_identity(config)
         target, shardings = abstract_state(make_state, mesh, key, None, rules=rules)
-        state = ckpt.restore(with_shardings(target, shardings), latest)
+        state, latest, damaged = ckpt.restore_newest(
+            with_shardings(target, shardings), config=config, log=log
+        )
+        meta = ckpt.read_meta(latest)
+        counts = {"total": int(meta.get("nonfinite_steps_total", 0)),
+                  "in_a_row": int(meta.get("nonfinite_in_a_row", 0))}  # fmt: skip
+    changes = prepare_workdir(
+        workdir, config, has_checkpoint=latest is not None, step=latest or 0,
+        is_main_process=is_main,
+    )  # fmt: skip
+    if latest is not None:
+        if damaged:
+            ckpt.set_aside(damaged, is_main_process=is_main, log=log)
         log(f"resumed {workdir} at step {latest} ({latest * config.batch_size / 1000:.1f} kimg)")
         for line in changes:
             log(f"  changed since the checkpoint: {line}")
@@ -267,11 +214,18 @@ def train(
                                        teacher_sampler, is_main_process=is_main)  # fmt: skip
         progress.restart_timer(int(st.step))  # the evaluation is not training time
 
-    def meta(st) -> dict[str, Any]:
+    identity = run_identity(config)
+    guard = NonfiniteGuard(config.train.max_consecutive_nonfinite, **counts, log=log)
+
+    def save(st) -> None:
+        guard.sync()  # the counts of the state being saved (the save waits for it anyway)
         s = int(st.step)
-        return {"step": s, "nimg": s * config.batch_size, "batch_size": config.batch_size,
-                "seed": config.seed, "objective": config.objective, "ema_names": ema_names,
-                "time": time.time()}  # fmt: skip
+        ckpt.save(st, {
+            "step": s, "nimg": s * config.batch_size, "batch_size": config.batch_size,
+            "seed": config.seed, "objective": config.objective, "ema_names": ema_names,
+            "identity": identity, "nonfinite_steps_total": guard.total,
+            "nonfinite_in_a_row": guard.in_a_row, "time": time.time(),
+        })  # fmt: skip
 
     n_params = sum(x.size for x in jax.tree.leaves(state.params["net"]))
     log(
@@ -291,7 +245,7 @@ def train(
     acc, logged_at = empty, start
     saved_at = start if latest is not None else -1
     num_classes = nd.num_classes
-    with _StopFlag() as stop, activation_rules(mesh, rules), Prefetcher(
+    with StopSignals() as stop, activation_rules(mesh, rules), Prefetcher(
         source, batch_size=config.batch_size, seed=config.seed, start_step=start,
         flip=config.dataset.flip, process_index=jax.process_index(),
         process_count=jax.process_count(), depth=config.train.prefetch_batches,
@@ -307,27 +261,37 @@ def train(
             state, values = jit_step(state, xg, yg, teacher_params)
             acc = accumulate(acc, values)
             s = step + 1
+            guard.after_step(s, values)  # reads step s - 1's counts: no wait for step s
             if (log_every and s % log_every == 0) or s == total_steps:
-                last = progress_log(progress, writers, s, acc)
+                guard.sync()  # the metrics below wait for step s anyway
+                last = progress_log(progress, writers, s, acc, guard.total)
                 acc, logged_at = empty, s
+            if guard.should_stop:
+                break
             if sample_every and s % sample_every == 0 and s < total_steps:
                 samples += previews(state)
             if eval_every and s % eval_every == 0 and s < total_steps:
                 evaluate(state)
             if ckpt_every and s % ckpt_every == 0 and s < total_steps:
-                ckpt.save(state, meta(state))
+                save(state)  # syncs the guard
                 saved_at = s
+                if guard.should_stop:
+                    break
     final = int(state.step)
+    guard.sync()
+    diverged = guard.should_stop
     if final != logged_at:
-        last = progress_log(progress, writers, final, acc)
+        last = progress_log(progress, writers, final, acc, guard.total)
     if final != saved_at:
-        ckpt.save(state, meta(state))
-    if stop.signum is None or final == total_steps:
+        save(state)
+    if (stop.signum is None and not diverged) or final == total_steps:
         samples += previews(state)
         if periodic is not None and final not in evals:
             evaluate(state)
     ckpt.close()
     writers.close()
+    if diverged:
+        raise NonfiniteStepsError(guard.stop_message(final))
     interrupted = stop.signum if final < total_steps else None
     if interrupted is not None:
         log(f"stopped by signal {interrupted} at step {final}; checkpoint saved, run the same "
@@ -336,8 +300,8 @@ def train(
         log(f"done: {final} steps in {time.time() - t_start:.1f} s; checkpoints in "
             f"{ckpt.directory}")  # fmt: skip
     return {"step": final, "nimg": final * config.batch_size, "seconds": time.time() - t_start,
-            "interrupted": interrupted, "samples": samples, "metrics": last,
-            "evals": evals}  # fmt: skip
+            "interrupted": interrupted, "samples": samples, "metrics": last, "evals": evals,
+            "nonfinite_steps_total": guard.total}  # fmt: skip
 
 
 def _accumulate(acc: metrics_lib.TrainMetrics, values: dict[str, Any]) -> Any:
@@ -345,9 +309,13 @@ def _accumulate(acc: metrics_lib.TrainMetrics, values: dict[str, Any]) -> Any:
     return acc.merge(metrics_lib.make_step_metrics(num_time_bins=NUM_TIME_BINS, **values))
 
 
-def progress_log(progress: Progress, writers: Any, step: int, acc: Any) -> dict[str, float]:
-    """Summarise accumulated metrics, print the progress line and write the scalars."""
+def progress_log(
+    progress: Progress, writers: Any, step: int, acc: Any, nonfinite_total: int = 0
+) -> dict[str, float]:
+    """Summarise accumulated metrics, print the progress line and write the scalars (with
+    ``nonfinite_steps_total``, the run's skipped steps so far)."""
     scalars = metrics_lib.summarize(acc)
+    scalars["nonfinite_steps_total"] = float(nonfinite_total)
     progress.update(step, scalars)
     scalars.update(progress.timing_scalars())
     writers.write_scalars(step, scalars)

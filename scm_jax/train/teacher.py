@@ -105,7 +105,8 @@ def load_ema_params(
       mesh: where to place them (sharded by ``rules`` like a student); None: the first device.
       sigma_rel: which power EMA (0: the run's first EMA); ema: an EMA by name instead.
       what: a word for error messages ('teacher', 'init_from run').
-      step: which checkpoint (default: the latest).
+      step: which checkpoint (default: the newest readable one; a damaged newer one is
+        skipped with a warning on stderr).
       rules: the sharding rules (``config.mesh.rules``).
     Returns:
       ``(net params, the run's config dict, EMA name)``.
@@ -134,7 +135,7 @@ def load_ema_params(
     )
     ckpt = Checkpointer(workdir, read_only=True)
     try:
-        emas = ckpt.restore_emas({n: target_one for n in all_names}, step)
+        emas = ckpt.restore_emas({n: target_one for n in all_names}, step, config=run_cfg)
     finally:
         ckpt.close()
     return emas[name], run_cfg, name

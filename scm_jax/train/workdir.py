@@ -60,6 +60,23 @@ def _is_identity(field: str) -> bool:
     return any(field == p or (p.endswith(".") and field.startswith(p)) for p in IDENTITY_FIELDS)
 
 
+def run_identity(config: Mapping[str, Any] | ml_collections.ConfigDict) -> dict[str, Any]:
+    """The identity fields of a config, flattened (``{'objective': 'sct', 'model.arch': ...}``):
+    what a checkpoint records in its ``meta`` and a resumed run must match."""
+    flat = flatten(config_to_dict(config))
+    return {k: v for k, v in flat.items() if _is_identity(k)}
+
+
+def identity_diff(
+    saved: Mapping[str, Any], config: Mapping[str, Any] | ml_collections.ConfigDict
+) -> dict[str, tuple[Any, Any]]:
+    """``{field: (saved value, this config's value)}`` for identity fields that differ; fields
+    only one side has count as differing unless they are :data:`RESUMABLE_FIELDS`."""
+    now = run_identity(config)
+    keys = sorted((set(saved) | set(now)) - set(RESUMABLE_FIELDS))
+    return {k: (saved.get(k), now.get(k)) for k in keys if saved.get(k) != now.get(k)}
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON to ``path`` via a temporary file and a rename (never a half-written file)."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -84,7 +101,7 @@ def load_run_config(workdir: str | Path) -> dict[str, Any]:
 
 def prepare_workdir(
     workdir: str | Path, config: ml_collections.ConfigDict, *, has_checkpoint: bool,
-    step: int = 0, is_main_process: bool = True,
+    step: int = 0, is_main_process: bool = True, check_only: bool = False,
 ) -> list[str]:  # fmt: skip
     """Check that ``config`` may run in ``workdir`` and save it there.
 
@@ -94,6 +111,7 @@ def prepare_workdir(
       has_checkpoint: whether the workdir holds a checkpoint (a resume).
       step: the checkpoint's step (names the backup of a changed config).
       is_main_process: only the main process writes files.
+      check_only: only check (and return the changes); write nothing.
     Returns:
       Human-readable lines describing fields changed since the saved config (empty if none).
     Raises:
@@ -115,9 +133,11 @@ def prepare_workdir(
                 f"new run from its weights, pass --config.init_from={workdir}"
             )
         changes = [f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items()]
+        if check_only:
+            return changes
         if changes and is_main_process:
             os.replace(path, workdir / f"config.{step}.json")
-    if is_main_process:
+    if is_main_process and not check_only:
         workdir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(path, new)
     return changes
@@ -134,5 +154,8 @@ def check_same_architecture(
     b = {k: v for k, v in config_to_dict(found).items() if k not in NON_ARCH_FIELDS}
     diff = {k: (b.get(k), a.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
     if diff:
-        lines = "; ".join(f"model.{k}: {x!r} there, {y!r} here" for k, (x, y) in diff.items())
-        raise ValueError(f"the {what} in {where} has another architecture ({lines})")
+        items = [f"model.{k}: {x!r} there, {y!r} here" for k, (x, y) in diff.items()]
+        more = f"; and {len(items) - 8} more" if len(items) > 8 else ""
+        raise ValueError(
+            f"the {what} in {where} has another architecture ({'; '.join(items[:8])}{more})"
+        )

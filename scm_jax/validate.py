@@ -1,0 +1,413 @@
+"""Config validation at start-up: every problem of a config at once, one line each.
+
+:func:`problems` checks a resolved config in three passes and returns one line per problem:
+
+1. **fields**: each key of each known section against the table :data:`SECTIONS` (type, range or
+   choice); a key that a known section does not have is a problem too (a typo in a config file;
+   ml-collections already refuses unknown ``--config.a.b`` overrides). Top-level sections that no
+   table knows are left alone, so a newer objective's section does not make this module refuse
+   a config; it registers its own table with :func:`register_section`.
+2. **relations** between fields (:data:`RELATIONS`): t_mid in (0, t_max), the batch over the
+   micro-batches, the data's shape against the network, a teacher for sCD, ... New objectives add
+   theirs with :func:`register_relation`.
+3. **paths** (unless ``check_paths=False``): the files a run reads exist (``dataset.path``,
+   ``teacher.workdir``, ``init_from``, ``evals.ref``, ``evals.inception``).
+
+:func:`validate` raises one :class:`ConfigError` (a ValueError) listing them all. ``scm-jax
+train`` calls it before it builds anything (no compilation, no data loading); ``scm-jax config
+--check`` prints the result. What needs the devices (the batch over data x fsdp devices, mesh
+sizes against the device count) is checked where the mesh is built (``scm_jax.sharding``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from scm_jax import configlib, networks
+from scm_jax.config_checks import (
+    Check,
+    ConfigError,
+    boolean,
+    integer,
+    mesh_size,
+    one_of,
+    real,
+    sequence,
+    sharding_rules,
+    text,
+)
+from scm_jax.losses.common import TANGENT_NORMS, WARMUP_FORMS
+from scm_jax.optim import OPTIMIZER_MOMENTS
+from scm_jax.train.step_dmd import ROLLOUTS
+from scm_jax.train.workdir import CONFIG_FILE as RUN_CONFIG
+
+__all__ = ["ConfigError", "problems", "register_relation", "register_section", "validate"]
+
+Relation = Callable[[Mapping[str, Any], bool], "list[str]"]  # (config, check_paths) -> problems
+
+EMA_STD_MAX = 12**-0.5  # EDM2's power-function EMA needs sigma_rel < 1/sqrt(12)
+DTYPES = tuple(networks._DTYPES)  # model.dtype / param_dtype names build_network knows
+
+
+# A key with a leading '?' is optional (not every config has it).
+SECTIONS: dict[str, dict[str, Check]] = {
+    "dataset": {
+        "name": text(), "source": one_of(configlib.DATA_SOURCES), "path": text(),
+        "tfds_name": text(), "tfds_data_dir": text(), "split": text(),
+        "shape": sequence(integer(1), nonempty=True), "num_classes": integer(0),
+        "flip": boolean(), "num_examples": integer(0), "latent_mean": sequence(real()),
+        "latent_std": sequence(real(gt=0)), "?means": sequence(sequence(real())),
+        "?stds": sequence(real(gt=0)), "?weights": sequence(real(gt=0)),
+    },
+    "model": {  # keys of either architecture; which apply is checked by build_network
+        "arch": one_of(networks.ARCHS), "?size": text(), "?num_classes": integer(0),
+        "?dropout": real(ge=0, lt=1), "?label_dropout": real(ge=0, lt=1),
+        "?guidance_input": boolean(), "?sigma_d": real(gt=0), "?c_noise_scale": real(gt=0),
+        "?dtype": one_of(DTYPES), "?param_dtype": one_of(DTYPES),
+        "?remat": one_of(networks.REMAT_POLICIES),
+        "?weight_channels": integer(2), "?img_resolution": integer(1),
+        "?img_channels": integer(1), "?model_channels": integer(1),
+        "?channel_mult": sequence(integer(1), nonempty=True), "?num_blocks": integer(1),
+        "?attn_resolutions": sequence(integer(1)), "?channels_per_head": integer(1),
+        "?dropout_max_res": integer(0), "?data_dim": integer(1), "?hidden": integer(2),
+        "?depth": integer(1), "?emb_channels": integer(2),
+    },
+    "trigflow": {"sigma_d": real(gt=0), "sigma_max": real(gt=0), "t_mid": real(gt=0),
+                 "P_mean": real(), "P_std": real(gt=0)},
+    "loss": {
+        "tangent_c": real(gt=0), "tangent_norm": one_of(TANGENT_NORMS),
+        "tangent_warmup_steps": integer(0), "warmup_form": one_of(WARMUP_FORMS),
+        "adaptive_weighting": boolean(), "mask_nonfinite": boolean(),
+    },
+    "teacher": {"workdir": text(), "guidance_min": real(ge=0), "guidance_max": real(ge=0),
+                "?kind": one_of(("", "exact_gmm")), "?ema_std": real(ge=0, lt=EMA_STD_MAX)},
+    "optim": {
+        "name": one_of(OPTIMIZER_MOMENTS), "lr": real(gt=0),
+        "b1": real(ge=0, lt=1), "b2": real(ge=0, lt=1), "eps": real(gt=0),
+        "lr_ref_kimg": real(ge=0), "lr_rampup_kimg": real(ge=0), "grad_clip": real(ge=0),
+    },
+    "ema": {"halflife_kimg": real(ge=0), "power_std": sequence(real(gt=0, lt=EMA_STD_MAX))},
+    "train": {
+        "log_every_kimg": real(ge=0), "ckpt_every_kimg": real(ge=0),
+        "keep_checkpoints": integer(1), "sample_every_kimg": real(ge=0),
+        "sample_grid": integer(1), "teacher_sample_steps": integer(1),
+        "prefetch_batches": integer(1), "micro_batches": integer(1),
+        "max_consecutive_nonfinite": integer(0),
+    },
+    "evals": {
+        "every_kimg": real(ge=0), "steps": sequence(integer(1)), "num": integer(2),
+        "ref": text(), "inception": text(), "batch_size": integer(0), "teacher_nfe": integer(0),
+        "seed": integer(0),
+    },
+    "dmd": {  # objectives dmd, rcm (configlib.DMD_DEFAULTS); cross-field rules in _dmd
+        "weight": real(ge=0), "start_step": integer(0), "P_mean": real(), "P_std": real(gt=0),
+        "critic_updates": integer(1), "critic_lr": real(ge=0),
+        "critic_adaptive_weighting": boolean(), "critic_P_mean": real(),
+        "critic_P_std": real(gt=0), "generator_steps": integer(1), "rollout": one_of(ROLLOUTS),
+        "regression_weight": real(ge=0), "regression_steps": integer(1),
+        "regression_batch": integer(0), "regression_pairs": integer(0),
+    },
+    "mesh": {
+        "data": mesh_size(), "fsdp": mesh_size(), "tensor": mesh_size(),
+        "dcn_data": integer(1), "dcn_fsdp": integer(1), "dcn_tensor": integer(1),
+        "rules": sharding_rules(),
+    },
+}  # fmt: skip
+# Top-level fields (not sections).
+FIELDS: dict[str, Check] = {
+    "objective": one_of(lambda: configlib.OBJECTIVES), "batch_size": integer(1),
+    "total_kimg": real(gt=0), "seed": integer(0), "init_from": text(),
+}  # fmt: skip
+
+
+# Sections whose keys configlib defines: a key added there is known even before it has a check.
+_DEFAULTS = {"dataset": configlib.DATASET_DEFAULTS, "train": configlib.TRAIN_DEFAULTS,
+             "evals": configlib.EVAL_DEFAULTS, "mesh": configlib.MESH_DEFAULTS,
+             "dmd": configlib.DMD_DEFAULTS}  # fmt: skip
+
+
+def register_section(name: str, checks: Mapping[str, Check]) -> None:
+    """Add (or extend) the table of a section, e.g. a new objective's ``dmd`` options."""
+    SECTIONS.setdefault(name, {}).update(checks)
+
+
+def register_relation(relation: Relation) -> Relation:
+    """Add a cross-field rule ``(config, check_paths) -> [problem, ...]`` (usable as decorator)."""
+    RELATIONS.append(relation)
+    return relation
+
+
+def _field_problems(
+    cfg: Mapping[str, Any],
+    sections: Mapping[str, Mapping[str, Check]] | None = None,
+    fields: Mapping[str, Check] | None = None,
+) -> list[str]:
+    """Pass 1: each field against its check, unknown keys of known sections (default tables:
+    :data:`SECTIONS`, :data:`FIELDS`)."""
+    out: list[str] = []
+    sections = SECTIONS if sections is None else sections
+    for key, check in (FIELDS if fields is None else fields).items():
+        if key not in cfg:
+            out.append(f"{key}: missing")
+        elif msg := check(cfg[key]):
+            out.append(f"{key}={cfg[key]!r}: {msg}")
+    for section, table in sections.items():
+        if section not in cfg:
+            if all(k.startswith("?") for k in table):
+                continue
+            out.append(f"{section}: missing section")
+            continue
+        values = cfg[section]
+        if not isinstance(values, Mapping):
+            out.append(f"{section}: must be a section (a dict), not {type(values).__name__}")
+            continue
+        known = {k.lstrip("?"): (check, k.startswith("?")) for k, check in table.items()}
+        allowed = set(known) | set(_DEFAULTS.get(section, {}))  # a new default is a known key
+        if section == "model":  # the keys are the architecture's (scm_jax.networks)
+            allowed = _model_keys(values.get("arch"), allowed)
+        for key, (check, optional) in known.items():
+            if key not in values:
+                if not optional:
+                    out.append(f"{section}.{key}: missing")
+            elif msg := check(values[key]):
+                out.append(f"{section}.{key}={values[key]!r}: {msg}")
+        unknown = sorted(set(values) - allowed)
+        if unknown:
+            names = ", ".join(f"{section}.{k}" for k in unknown)
+            out.append(f"unknown key(s) {names}; known: {', '.join(sorted(allowed))}")
+    return out
+
+
+def _model_keys(arch: Any, table_keys: set[str]) -> set[str]:
+    """The keys a ``model`` section of ``arch`` may have (``build_network``'s rule); all keys
+    of the table while the arch itself is unknown (its own problem is reported)."""
+    cls = networks.ARCHS.get(arch) if isinstance(arch, str) else None
+    if cls is None:
+        return table_keys
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name", "remat_blocks"}
+    return fields | set(networks._NON_NET_KEYS)
+
+
+# ---------------------------------------------------------------------------------- relations
+
+
+def _ok(cfg: Mapping[str, Any], *paths: str) -> bool:
+    """Whether the dotted fields exist and passed their own checks (relations skip the rest)."""
+    for path in paths:
+        node: Any = cfg
+        for part in path.split("."):
+            if not isinstance(node, Mapping) or part not in node:
+                return False
+            node = node[part]
+        section, _, key = path.rpartition(".")
+        table = SECTIONS.get(section, {}) if section else FIELDS
+        check = table.get(key) or table.get(f"?{key}")
+        if check is not None and check(node):
+            return False
+    return True
+
+
+def _times(cfg: Mapping[str, Any], check_paths: bool) -> list[str]:
+    if not _ok(cfg, "trigflow.t_mid", "trigflow.sigma_max", "trigflow.sigma_d"):
+        return []
+    tf = cfg["trigflow"]
+    t_max = math.atan(tf["sigma_max"] / tf["sigma_d"])
+    if tf["t_mid"] >= t_max:
+        return [f"trigflow.t_mid={tf['t_mid']!r}: must be in (0, t_max) = (0, {t_max:.5f}) "
+                "(t_max = arctan(sigma_max / sigma_d))"]  # fmt: skip
+    return []
+
+
+def _batch(cfg: Mapping[str, Any], check_paths: bool) -> list[str]:
+    if not _ok(cfg, "batch_size", "train.micro_batches"):
+        return []
+    b, k = cfg["batch_size"], cfg["train"]["micro_batches"]
+    if b % k:
+        return [f"batch_size={b} is not divisible by train.micro_batches={k}; choose "
+                "micro_batches that divide the batch (docs/training.md#memory-levers)"]  # fmt: skip
+    return []
+
+
+def _data_and_network(cfg: Mapping[str, Any], check_paths: bool) -> list[str]:
+    out: list[str] = []
+    if not _ok(cfg, "dataset.shape", "model.arch"):
+        return out
+    shape, model = tuple(cfg["dataset"]["shape"]), cfg["model"]
+    keys = ("img_resolution", "img_channels") if model["arch"] == "edm2_unet" else ("data_dim",)
+    if all(_ok(cfg, f"model.{k}") and k in model for k in keys):
+        if model["arch"] == "edm2_unet":
+            want = (model["img_resolution"], model["img_resolution"], model["img_channels"])
+        else:
+            want = (model["data_dim"],)
+        if shape != want:
+            out.append(f"dataset.shape={shape} but the network takes {want} (model."
+                       f"{' / model.'.join(keys)}); make them match")  # fmt: skip
+    k_model = model.get("num_classes", 0)
+    if _ok(cfg, "dataset.num_classes", "model.num_classes") and k_model:
+        if cfg["dataset"]["num_classes"] != k_model:
+            out.append(f"model.num_classes={k_model} but dataset.num_classes="
+                       f"{cfg['dataset']['num_classes']}: a class-conditional network needs "
+                       "the data's labels (set both to the number of classes)")  # fmt: skip
+    if _ok(cfg, "dataset.flip") and cfg["dataset"]["flip"] and len(shape) != 3:
+        out.append(f"dataset.flip=True needs images (H, W, C), but dataset.shape={shape}")
+    return out
+
+
+def _teacher(cfg: Mapping[str, Any], check_paths: bool) -> list[str]:
+    if not _ok(cfg, "objective", "teacher.guidance_min", "teacher.guidance_max"):
+        return []
+    t = cfg["teacher"]
+    out = []
+    if t["guidance_min"] > t["guidance_max"]:
+        out.append(f"teacher.guidance_min={t['guidance_min']!r} > teacher.guidance_max="
+                   f"{t['guidance_max']!r}: the CFG scale is drawn from [min, max]")  # fmt: skip
+    if cfg["objective"] != "scd" or t.get("kind") == "exact_gmm":
+        return out
+    if not t["workdir"]:
+        out.append(
+            "sCD needs a teacher: set --config.teacher.workdir=DIR to the workdir of a diffusion "
+            "run of the same architecture, trained with `scm-jax train --config "
+            "<config>:objective=diffusion --workdir DIR`"
+        )
+    elif check_paths and not (Path(t["workdir"]) / RUN_CONFIG).is_file():
+        out.append(f"teacher.workdir {t['workdir']!r} is not a training run's folder (no "
+                   f"{RUN_CONFIG}); point it at the --workdir of a diffusion run")  # fmt: skip
+    return out
+
+
+def _evals(cfg: Mapping[str, Any], check_paths: bool) -> list[str]:
+    if not _ok(cfg, "evals.every_kimg", "evals.teacher_nfe"):
+        return []
+    ev, out = cfg["evals"], []
+    if ev["teacher_nfe"] and ev["teacher_nfe"] % 2 == 0:
+        out.append(f"evals.teacher_nfe={ev['teacher_nfe']}: the Heun sampler makes 2N - 1 "
+                   "evaluations, so it must be odd (e.g. 35) or 0")  # fmt: skip
+    if ev["every_kimg"] <= 0:
+        return out
+    shape = tuple(cfg["dataset"].get("shape", ()))
+    if len(shape) != 3:
+        out.append(f"evals.every_kimg={ev['every_kimg']}: periodic FID needs images, but "
+                   f"dataset.shape={shape}; set --config.evals.every_kimg=0")  # fmt: skip
+    if not ev["ref"]:
+        out.append(
+            f"evals.every_kimg={ev['every_kimg']} needs reference statistics: set "
+            "--config.evals.ref=FILE.npz (written by `scm-jax fid-stats --data ... --out "
+            "FILE.npz`), or --config.evals.every_kimg=0 to turn periodic FID off"
+        )
+    elif check_paths and not Path(ev["ref"]).is_file():
+        out.append(f"evals.ref: no FID statistics at {ev['ref']} (write them with `scm-jax "
+                   "fid-stats --data ... --out FILE.npz`)")  # fmt: skip
+    if check_paths and ev.get("inception") and not Path(ev["inception"]).exists():
+        out.append(f"evals.inception: no FID Inception weights at {ev['inception']}; create them "
+                   "once with `scm-jax fid-weights` ('' = the default location)")  # fmt: skip
+    return out
+
+
+def _dmd(cfg: Mapping[str, Any], check_paths: bool) -> list[str]:
+    """DMD / rCM (objectives in configlib.DMD_OBJECTIVES): the regression batch, the teacher's
+    guidance against the student, no gradient accumulation. Other objectives: nothing."""
+    if not _ok(cfg, "objective") or cfg["objective"] not in configlib.DMD_OBJECTIVES:
+        return []
+    out: list[str] = []
+    if _ok(cfg, "dmd.regression_batch", "batch_size"):
+        if cfg["dmd"]["regression_batch"] > cfg["batch_size"]:
+            out.append(f"dmd.regression_batch={cfg['dmd']['regression_batch']} exceeds "
+                       f"batch_size={cfg['batch_size']}; use at most the batch (0 = the whole "
+                       "batch)")  # fmt: skip
+    if _ok(cfg, "teacher.guidance_min", "teacher.guidance_max", "model.arch"):
+        g_min, g_max = cfg["teacher"]["guidance_min"], cfg["teacher"]["guidance_max"]
+        model = cfg["model"]
+        if g_min != g_max and not model.get("guidance_input", False):
+            out.append(f"teacher guidance range [{g_min}, {g_max}] needs model.guidance_input="
+                       "True; a student without it distils one fixed scale (guidance_min = "
+                       "guidance_max)")  # fmt: skip
+        if (g_min, g_max) != (1.0, 1.0) and not model.get("num_classes", 0):
+            out.append(f"teacher guidance [{g_min}, {g_max}]: classifier-free guidance needs a "
+                       "class-conditional model (model.num_classes > 0) or guidance 1")  # fmt: skip
+    if _ok(cfg, "train.micro_batches") and cfg["train"]["micro_batches"] != 1:
+        out.append(f"train.micro_batches={cfg['train']['micro_batches']}: gradient accumulation "
+                   f"is not implemented for objective {cfg['objective']}; set train."
+                   "micro_batches=1 and a batch_size (or more devices) that fits")  # fmt: skip
+    return out
+
+
+def dmd_problems(config: Mapping[str, Any]) -> list[str]:
+    """The problems of a dmd / rcm config's ``dmd`` section and its cross-field rules (what
+    ``scm_jax.train.dmd_config.validate_dmd_config`` raises); [] for other objectives."""
+    if hasattr(config, "to_dict"):
+        config = config.to_dict()
+    if config.get("objective") not in configlib.DMD_OBJECTIVES:
+        return []
+    section = {"dmd": config.get("dmd", {})}
+    return _field_problems(section, {"dmd": SECTIONS["dmd"]}, {}) + _dmd(config, False)
+
+
+# dataset.source -> what dataset.path must be for it
+PATH_SOURCES = {
+    "image_folder": "a folder or .tar(.gz) of <split>/<class>/*.png|jpg",
+    "npz": "an .npz with x (N, ...) and optional labels",
+    "latents": "a latent .npy (N, H, W, C) or .npz",
+}
+
+
+def _paths(cfg: Mapping[str, Any], check_paths: bool) -> list[str]:
+    out: list[str] = []
+    if _ok(cfg, "dataset.source", "dataset.path", "dataset.tfds_name"):
+        ds = cfg["dataset"]
+        what = PATH_SOURCES.get(ds["source"])
+        if what and not ds["path"]:
+            out.append(f"dataset.source={ds['source']!r} needs {what}: set "
+                       "--config.dataset.path=...")  # fmt: skip
+        elif what and check_paths and not Path(ds["path"]).exists():
+            out.append(f"dataset.path {ds['path']!r} (source {ds['source']!r}) does not exist; "
+                       f"set --config.dataset.path=... to {what}")  # fmt: skip
+        if ds["source"] == "tfds" and not ds["tfds_name"]:
+            out.append("dataset.source='tfds' needs --config.dataset.tfds_name=...")
+        if ds["source"] == "latents" and _ok(cfg, "dataset.shape", "dataset.latent_mean",
+                                             "dataset.latent_std"):  # fmt: skip
+            c = ds["shape"][-1]
+            if any(len(ds[k]) not in (0, c) for k in ("latent_mean", "latent_std")):
+                out.append(f"dataset.latent_mean / latent_std need {c} values (one per channel "
+                           "of dataset.shape) or none")  # fmt: skip
+    init_from = cfg.get("init_from")
+    if check_paths and isinstance(init_from, str) and init_from:
+        if not (Path(init_from) / RUN_CONFIG).is_file():
+            out.append(f"init_from {init_from!r} is not a training run's folder (no "
+                       f"{RUN_CONFIG}); expected the --workdir of `scm-jax train`")  # fmt: skip
+    return out
+
+
+RELATIONS: list[Relation] = [_times, _batch, _data_and_network, _teacher, _evals, _paths, _dmd]
+
+
+def problems(config: Mapping[str, Any], *, check_paths: bool = True) -> list[str]:
+    """Every problem of ``config`` (a ConfigDict or a plain dict), one line each; [] if none.
+
+    Args:
+      config: a resolved config (``configs/*.py`` + overrides).
+      check_paths: also check that the files and folders the config names exist.
+    """
+    if hasattr(config, "to_dict"):
+        config = config.to_dict()
+    out = _field_problems(config)
+    model_fields_ok = not any(p.startswith(("model", "unknown key(s) model.")) for p in out)
+    for relation in RELATIONS:
+        out += relation(config, check_paths)
+    if model_fields_ok and isinstance(config.get("model"), Mapping):
+        try:  # what only the architecture knows (resolution divisibility, head widths, ...)
+            networks.build_network(dict(config["model"]))
+        except (ValueError, TypeError) as e:
+            out.append(str(e) if str(e).startswith("model.") else f"model: {e}")
+    return out
+
+
+def validate(config: Mapping[str, Any], *, check_paths: bool = True) -> None:
+    """Raise :class:`ConfigError` listing every problem of ``config`` (see :func:`problems`)."""
+    found = problems(config, check_paths=check_paths)
+    if found:
+        raise ConfigError(found)
