@@ -33,11 +33,14 @@ $(TEST_STAMP): $(STAMP)
 	$(BIN)/python -m pip install -q -e ".[dev,torch,export]"
 	touch $@
 
+# Tests run in parallel processes (pytest-xdist), one test file per process at a time so that a
+# file's module fixtures are built once; TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= auto
 test: $(TEST_STAMP) lint
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: $(TEST_STAMP)
-	$(BIN)/python -m pytest -q -ra -m "not slow"
+	$(BIN)/python -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -5,7 +5,7 @@ students, and FID of each against the official MNIST test set (issue 12, docs/re
   python benchmarks/quality_mnist.py train teacher        # then: scd, sct, dmd, rcm
   python benchmarks/quality_mnist.py eval teacher         # FID of one run (--num, default 2000)
   python benchmarks/quality_mnist.py grids                # 2-step / teacher sample grids (docs)
-  python benchmarks/quality_mnist.py table                # JSON + the markdown table
+  python benchmarks/quality_mnist.py table --write-docs   # the table (also into docs/results.md)
   python benchmarks/quality_mnist.py all                  # every stage not yet done, in order
 
 Every stage runs the public command line (``python -m scm_jax ...``) in a subprocess exactly as
@@ -231,8 +231,8 @@ def table() -> str:
     """The markdown table of every evaluated setting (FID, NFE, time, images seen)."""
     stages = _load()["stages"]
     teacher_fid = None
-    lines = ["| model | sampler | NFE | FID (5k vs test 10k) | ratio to teacher | sampling s / 1k |"
-             " images seen (kimg) |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| model | sampler | NFE | samples | FID (vs test 10k) | ratio to teacher |"
+             " sampling s / 1k | images seen (kimg) |", "|---" * 8 + "|"]  # fmt: skip
     for name in ORDER:
         ev = stages.get("eval_" + name)
         if ev is None:
@@ -248,9 +248,23 @@ def table() -> str:
             )
             per_1k = 1000 * r["sampling_seconds"] / r["num"]
             kimg = f"{seen:g}" if name == "teacher" else f"{seen:g} (+ teacher's)"
-            lines.append(f"| {name} | {r['setting']} | {r['nfe']} | {r['fid']:.2f} | {ratio} | "
-                         f"{per_1k:.1f} | {kimg} |")  # fmt: skip
+            lines.append(f"| {name} | {r['setting']} | {r['nfe']} | {r['num']} | {r['fid']:.2f} | "
+                         f"{ratio} | {per_1k:.1f} | {kimg} |")  # fmt: skip
     return "\n".join(lines)
+
+
+DOCS = REPO / "docs" / "results.md"
+BEGIN, END = "<!-- quality-mnist:begin -->", "<!-- quality-mnist:end -->"
+
+
+def write_docs() -> None:
+    """Put :func:`table` between the markers of docs/results.md."""
+    text = DOCS.read_text()
+    if BEGIN not in text or END not in text:
+        sys.exit(f"{DOCS} has no {BEGIN} ... {END} markers for the table")
+    start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
+    DOCS.write_text(text[:start] + "\n" + table() + "\n" + text[end:])
+    print(f"wrote the table into {DOCS}")
 
 
 def main(argv: list[str]) -> None:
@@ -264,6 +278,7 @@ def main(argv: list[str]) -> None:
         help="samples per setting (2000; Inception runs ~3 img/s on 2 CPU cores)",
     )
     parser.add_argument("--force", action="store_true", help="rerun a finished stage")
+    parser.add_argument("--write-docs", action="store_true", help="table: into docs/results.md")
     args = parser.parse_args(argv)
     if args.stage in ("train", "eval") and not args.name:
         parser.error(f"{args.stage} needs a run name: {', '.join(ORDER)}")
@@ -277,6 +292,8 @@ def main(argv: list[str]) -> None:
         stage_grids(args.force)
     elif args.stage == "table":
         print(table())
+        if args.write_docs:
+            write_docs()
     else:
         stage_ref(False)
         for name in ORDER:
