@@ -6,7 +6,7 @@ the data. Shared by the tests and the benchmarks:
 * :func:`distill` / :func:`run_distill`: sCD, DMD (with or without DMD's regression term) and
   rCM from the same diffusion-pretrained network, at an equal number of generator updates, on
   the ring or the 25-mode grid (:data:`MIXTURES`; ``tests/toy_dmd_test.py``,
-  ``benchmarks/toy_dmd_rcm.py``, ``notebooks/04_distillation.py``).
+  ``benchmarks/toy_dmd_rcm.py``, ``notebooks/04_distillation_mode_coverage.py``).
 """
 
 from __future__ import annotations
