@@ -56,12 +56,12 @@ QUICK = False  # True: the short version CI runs (a few steps; the same code and
 FIG_DIR = None  # a folder to save the figures as PNG (docs/images/ablations for the docs)
 mixture = "ring"  # or "grid" (25 narrow modes)
 toy_model = dict(recipes.MLP)  # 4 residual blocks of 128 (the reference toy student)
-toy_steps = 1000
+toy_steps = 800
 toy_seeds = [0, 1]
 num_samples = 8192  # samples per sliced-Wasserstein estimate
 toy_arms = None  # names of ARMS to run on the mixture (None: all)
 mnist = True  # the MNIST part (through the training system)
-mnist_steps = 400  # steps of 16 digits per arm
+mnist_steps = 300  # steps of 16 digits per arm
 mnist_arms = ["sCM", "tangent: none", "EDM2 time"]  # any keys of MNIST_OVERRIDES (below)
 mnist_samples = 500  # samples per 1-NN agreement score
 
@@ -319,7 +319,7 @@ if runs_mnist:
         TOY_CURVES,
         ["nn_1step", "nn_2step"],
         0.1,
-        "1-NN label agreement: 1 step (dark), 2 steps (light)",
+        "1-NN agreement: 1 step (dark), 2 (light)",
         "chance",
     )
     save(fig, "02_mnist.png")
