@@ -177,7 +177,7 @@ for name in toy_arms or ARMS:
             jax.random.key(seed),
             steps=toy_steps,
             ema_halflife_steps=toy_steps / 20,
-            chunk=250,
+            chunk=200,  # a divisor of toy_steps: fit rounds steps up to a multiple of chunk
             loss_options=arm.get("loss"),
             **fit_kw,
         )
