@@ -70,8 +70,12 @@ CASES = {
     },
     "unet_adagn": {**TINY, "modulation": "adagn"},
     "mlp_adn": MLP,
-    "mlp_adagn_fourier_scaled": {**MLP, "modulation": "adagn", "time_embedding": "fourier",
-                                 "c_noise_scale": 16.0},  # fmt: skip
+    "mlp_adagn_fourier_scaled": {
+        **MLP,
+        "modulation": "adagn",
+        "time_embedding": "fourier",
+        "c_noise_scale": 16.0,
+    },
     "mlp_mul_fourier": {
         **MLP,
         "modulation": "mul",
