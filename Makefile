@@ -27,10 +27,11 @@ run: $(STAMP)
 
 # The tests also need PyTorch (the optional `torch` extra): the Inception-v3 conversion is checked
 # against the TorchScript FID model, the PyTorch network against JAX; and the `export` extra (ONNX,
-# ONNX Runtime, flatbuffers) for the ONNX and StableHLO exports. `make run` does not install them.
+# ONNX Runtime, flatbuffers) for the ONNX and StableHLO exports; and the `notebooks` extra (jupytext,
+# papermill, ipykernel) to execute the ablation notebooks. `make run` does not install them.
 TEST_STAMP := $(VENV)/.installed-test-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 $(TEST_STAMP): $(STAMP)
-	$(BIN)/python -m pip install -q -e ".[dev,torch,export]"
+	$(BIN)/python -m pip install -q -e ".[dev,torch,export,notebooks]"
 	touch $@
 
 # Tests run in parallel processes (pytest-xdist), one test file per process at a time so that a

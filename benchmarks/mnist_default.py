@@ -27,6 +27,7 @@ import numpy as np
 
 from scm_jax import cli
 from scm_jax.data.sources import load_mnist_5k
+from scm_jax.eval.nearest_neighbor import nn_label_agreement as nn_agreement
 from scm_jax.sampler import load_sampler
 from scm_jax.train.loop import train
 from scm_jax.train.writers import read_metrics
@@ -34,14 +35,6 @@ from scm_jax.train.writers import read_metrics
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results" / "mnist_default.json"
 MNIST_TEST = REPO.parent / "shared" / "data" / "mnist"
-
-
-def nn_agreement(x: np.ndarray, labels: np.ndarray, ref_x: np.ndarray, ref_y: np.ndarray) -> float:
-    """Fraction of ``x`` whose nearest (L2) reference example has the label ``labels``."""
-    a = x.reshape(len(x), -1).astype(np.float32)
-    b = ref_x.reshape(len(ref_x), -1).astype(np.float32)
-    d = (a * a).sum(1)[:, None] - 2 * a @ b.T + (b * b).sum(1)[None]
-    return float(np.mean(ref_y[d.argmin(1)] == labels))
 
 
 def mnist_test_set(n: int = 1000) -> tuple[np.ndarray, np.ndarray] | None:

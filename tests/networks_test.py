@@ -94,7 +94,7 @@ def test_mpconv_preserves_unit_variance_at_init(kernel):
     assert abs(float(y.std()) - 1.0) < 0.05
 
 
-@pytest.mark.parametrize("modulation", ["adn", "mul"])
+@pytest.mark.parametrize("modulation", ["adn", "mul", "adagn"])
 def test_block_is_magnitude_preserving_at_init(modulation):
     x = jax.random.normal(jax.random.key(0), (8, 8, 8, 64))
     emb = jax.random.normal(jax.random.key(1), (8, 128))
@@ -160,7 +160,7 @@ def test_mlp_network_and_weight_head():
     [
         ({"img_resolution": 10, "channel_mult": (1, 2, 2)}, "img_resolution=10 is not divisible"),
         ({"attn_resolutions": (3,)}, "attention resolution 3"),
-        ({"modulation": "adagn"}, "unknown modulation 'adagn'"),
+        ({"modulation": "film"}, "unknown modulation 'film'"),
         ({"time_embedding": "learned"}, "unknown time_embedding 'learned'"),
         ({"dropout": 1.0}, r"dropout=1.0 must be in \[0, 1\)"),
         ({"bogus_option": 3}, r"unknown model option\(s\) \['bogus_option'\]"),

@@ -68,7 +68,14 @@ CASES = {
         "attn_resolutions": (16, 4),
         "clip_act": 0.5,
     },
+    "unet_adagn": {**TINY, "modulation": "adagn"},
     "mlp_adn": MLP,
+    "mlp_adagn_fourier_scaled": {
+        **MLP,
+        "modulation": "adagn",
+        "time_embedding": "fourier",
+        "c_noise_scale": 16.0,
+    },
     "mlp_mul_fourier": {
         **MLP,
         "modulation": "mul",

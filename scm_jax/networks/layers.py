@@ -23,7 +23,7 @@ import jax.numpy as jnp
 Array = jax.Array
 Dtype = Any
 
-MODULATIONS = ("adn", "mul")
+MODULATIONS = ("adn", "mul", "adagn")
 _NORM_EPS = 1e-4  # EDM2's epsilon in normalize() (Eq. 66 and the pixel norm)
 _SQRT_FLOOR = 1e-30  # keeps d sqrt(x)/dx finite at x = 0; far below any real activation energy
 
@@ -226,7 +226,7 @@ class MPConv(nn.Module):
 
 
 class Modulation(nn.Module):
-    """Conditioning of a residual branch by the embedding (one of two forms).
+    """Conditioning of a residual branch by the embedding (one of three forms).
 
     * ``'adn'``: adaptive double normalisation (sCM §4.1):
       y = mp_sum(pnorm(y) * pnorm(s(emb)), pnorm(b(emb))), with s and b magnitude-preserving
@@ -235,6 +235,10 @@ class Modulation(nn.Module):
       (the shift) per block over stock EDM2.
     * ``'mul'``: stock EDM2 multiplicative modulation y * (1 + g * s(emb)), learned gain g = 0
       at initialisation.
+    * ``'adagn'``: AdaGN, the modulation ADN replaces (sCM §4.1; iCT's, which made consistency
+      training diverge there): y = mp_sum(pnorm(y) * s(emb), b(emb)), i.e. ``'adn'`` without
+      the pixel normalisation of s and b, whose magnitudes then follow the embedding (for the
+      ablation; same parameters as ``'adn'``).
 
     Input ``y`` is ``(B, ..., C)`` and ``emb`` is ``(B, C_emb)``.
     """
@@ -253,8 +257,10 @@ class Modulation(nn.Module):
             gain = self.param("emb_gain", nn.initializers.zeros, (), self.param_dtype)
             c = MPConv(self.features, name="emb_linear", **kw)(emb, gain=gain) + 1
             return y * c[expand].astype(y.dtype)
-        if self.mode == "adn":
-            s = pixel_norm(MPConv(self.features, name="emb_scale", **kw)(emb))
-            b = pixel_norm(MPConv(self.features, name="emb_shift", **kw)(emb))
+        if self.mode in ("adn", "adagn"):
+            s = MPConv(self.features, name="emb_scale", **kw)(emb)
+            b = MPConv(self.features, name="emb_shift", **kw)(emb)
+            if self.mode == "adn":
+                s, b = pixel_norm(s), pixel_norm(b)
             return mp_sum(pixel_norm(y) * s[expand].astype(y.dtype), b[expand].astype(y.dtype))
         raise ValueError(f"unknown modulation {self.mode!r}; expected one of {MODULATIONS}")

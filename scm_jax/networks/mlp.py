@@ -1,8 +1,8 @@
 """A small magnitude-preserving MLP network for 2-D (or any vector) toy data.
 
 Same conditioning and interface as the U-Net: F_theta(x / sigma_d, t, labels, guidance), with
-residual blocks of MP linear layers modulated by the embedding (ADN or EDM2's multiplicative
-form), so that toy experiments exercise the same stabilisers as the image models.
+residual blocks of MP linear layers modulated by the embedding (ADN, EDM2's multiplicative
+form or AdaGN), so that toy experiments exercise the same stabilisers as the image models.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from torch.nn import functional as tnf
 
 Tensor = torch.Tensor
 
-MODULATIONS = ("adn", "mul")
+MODULATIONS = ("adn", "mul", "adagn")
 _NORM_EPS = 1e-4  # EDM2's epsilon (Eq. 66), as in the JAX layers
 _SQRT_FLOOR = 1e-30  # keeps d sqrt(x)/dx finite at x = 0 (forward-mode derivatives)
 
@@ -103,7 +103,8 @@ def _expand(c: Tensor, like: Tensor) -> Tensor:
 
 class Modulation(nn.Module):
     """Conditioning of a residual branch: ``'adn'`` (sCM's adaptive double normalisation:
-    mp_sum(pnorm(y) pnorm(s(emb)), pnorm(b(emb)))) or ``'mul'`` (EDM2: y (1 + g s(emb))).
+    mp_sum(pnorm(y) pnorm(s(emb)), pnorm(b(emb)))), ``'mul'`` (EDM2: y (1 + g s(emb))) or
+    ``'adagn'`` (AdaGN: mp_sum(pnorm(y) s(emb), b(emb)), the ablation of ADN).
     ``y`` is ``(B, C, ...)``, ``emb`` ``(B, C_emb)``."""
 
     def __init__(
@@ -124,6 +125,7 @@ class Modulation(nn.Module):
         """The modulated ``y`` (same shape and dtype)."""
         if self.mode == "mul":
             return y * _expand(self.emb_linear(emb, gain=self.emb_gain) + 1, y)
-        s = normalize(self.emb_scale(emb), 1)
-        b = normalize(self.emb_shift(emb), 1)
+        s, b = self.emb_scale(emb), self.emb_shift(emb)
+        if self.mode == "adn":
+            s, b = normalize(s, 1), normalize(b, 1)
         return mp_sum(normalize(y, 1) * _expand(s, y), _expand(b, y))

@@ -1,9 +1,10 @@
 """PyTorch twins of the sCM networks: the EDM2 U-Net and the toy MP-MLP (``scm_jax.networks``).
 
 ``forward(x_scaled, t, labels=None, guidance=None)`` computes F_theta exactly as the JAX modules
-do, for every option they have (both archs, ``'adn'``/``'mul'`` modulation, positional / Fourier /
-stored-Fourier time embeddings, c_noise ``'t'``/``'edm'``, guidance input, labels, attention
-resolutions, channel multipliers, dropout and label dropout in ``train()`` mode). Images are NCHW.
+do, for every option they have (both archs, ``'adn'``/``'mul'``/``'adagn'`` modulation,
+positional / Fourier / stored-Fourier time embeddings, c_noise ``'t'``/``'edm'``, guidance input,
+labels, attention resolutions, channel multipliers, dropout and label dropout in ``train()``
+mode). Images are NCHW.
 Module and parameter names follow the Flax tree (``enc_8x8_block0.conv_res0.weight`` is
 ``params['enc_8x8_block0']['conv_res0']['weight']``), so a ``state_dict`` is an export's
 safetensors file as it is (``scm_jax.export.state_dict``).

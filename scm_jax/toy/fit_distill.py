@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from scm_jax.guidance import ApplyFn
 from scm_jax.networks import NetworkDef
 from scm_jax.optim import make_optimizer
-from scm_jax.toy.fit import FitResult
+from scm_jax.toy.fit import FitResult, concat_history
 from scm_jax.toy.gmm import GaussianMixture
 from scm_jax.train.state import init_state
 from scm_jax.train.step import make_train_step
@@ -73,10 +73,12 @@ def fit_distill(
       chunk: steps per jitted ``lax.scan`` call; log: a progress-line callback.
     Returns:
       :class:`~scm_jax.toy.fit.FitResult` (final and EMA ``{'net', 'weight'}`` parameters of the
-      student, the loss per step, the wall time).
+      student, the loss per step, the wall time, and in ``history`` the step's other scalar
+      metrics per step: ``grad_norm``, ``learning_rate``, ..., DMD's ``critic_loss``).
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; expected one of {OBJECTIVES}")
+    chunk = max(1, min(chunk, steps))  # a short run is one chunk of exactly ``steps``
     tx, schedule = make_optimizer("adam", lr, batch_size=batch_size, b1=0.9, b2=0.99)
     ema = {"power_std": (), "halflife_kimg": ema_halflife_steps * batch_size / 1000}
     opts = {"warmup_steps": warmup_steps, **(loss_options or {})}
@@ -100,20 +102,23 @@ def fit_distill(
     def one_step(state, step):
         x0 = gmm.sample(jax.random.fold_in(k_data, step), batch_size)
         state, values = step_fn(state, x0, None, None)
-        return state, values["loss"]
+        return state, {k: v for k, v in values.items() if jnp.ndim(v) == 0}
 
     @jax.jit
     def run_chunk(state, start):
         return jax.lax.scan(one_step, state, start + jnp.arange(chunk))
 
-    losses = []
+    chunks = []
     t0 = time.time()
     for start in range(0, steps, chunk):
-        state, chunk_losses = run_chunk(state, start)
-        losses.append(chunk_losses)
+        state, values = run_chunk(state, start)
+        chunks.append(values)
         if log is not None:
-            log(f"{objective} step {start + chunk}/{steps}: loss {float(chunk_losses.mean()):.4f} "
+            loss = float(values["loss"].mean())
+            log(f"{objective} step {start + chunk}/{steps}: loss {loss:.4f} "
                 f"({time.time() - t0:.1f} s)")  # fmt: skip
     jax.block_until_ready(state)
     ema_params = {**state.params, "net": next(iter(state.emas.values()))}
-    return FitResult(state.params, ema_params, jnp.concatenate(losses), time.time() - t0)
+    history = concat_history(chunks)
+    losses = history.pop("loss")
+    return FitResult(state.params, ema_params, losses, time.time() - t0, history)

@@ -3,9 +3,10 @@ the data. Shared by the tests and the benchmarks:
 
 * :func:`run`: a small MP-MLP trained by sCD (exact teacher) or sCT from scratch on the
   8-component ring (``tests/toy_training_test.py``, ``benchmarks/toy_gmm.py``);
-* :func:`run_distill`: sCD, DMD (with or without DMD's regression term) and rCM from the same
-  diffusion-pretrained network, at an equal number of generator updates, on the ring or the
-  25-mode grid (:data:`MIXTURES`; ``tests/toy_dmd_test.py``, ``benchmarks/toy_dmd_rcm.py``).
+* :func:`distill` / :func:`run_distill`: sCD, DMD (with or without DMD's regression term) and
+  rCM from the same diffusion-pretrained network, at an equal number of generator updates, on
+  the ring or the 25-mode grid (:data:`MIXTURES`; ``tests/toy_dmd_test.py``,
+  ``benchmarks/toy_dmd_rcm.py``, ``notebooks/04_distillation_mode_coverage.py``).
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from typing import Any
 
 import jax
 
-from scm_jax.networks import build_network
+from scm_jax.networks import NetworkDef, build_network
 from scm_jax.toy import gmm as gmm_lib
 from scm_jax.toy.evaluate import evaluate_consistency_model, evaluate_modes
-from scm_jax.toy.fit import fit
+from scm_jax.toy.fit import FitResult, fit
 from scm_jax.toy.fit_distill import fit_distill
 
 SIGMA_D = 0.5
@@ -85,27 +86,46 @@ def pretrain(
     return res.ema_params["net"]
 
 
+def distill_options(name: str, steps: int) -> dict[str, Any]:
+    """``fit_distill``'s keyword options of ``DISTILL[name]`` at ``steps`` generator updates
+    (rCM's DMD term starts at the end of the tangent warm-up, ``steps // 6``)."""
+    recipe = DISTILL[name]
+    options = {k: v for k, v in recipe.items() if k != "objective"}
+    if recipe["objective"] == "rcm":
+        options["dmd"] = {**options["dmd"], "start_step": steps // 6}
+    return options
+
+
+def distill(
+    name: str, init_net: Any, model: dict[str, Any] = MLP, mixture: str = "ring",
+    steps: int = DISTILL_STEPS, seed: int = 0,
+) -> tuple[NetworkDef, FitResult]:  # fmt: skip
+    """Distil the exact teacher of ``MIXTURES[mixture]`` with ``DISTILL[name]`` from ``init_net``
+    (:func:`pretrain` of ``model`` on that mixture): the student's network and the
+    :class:`~scm_jax.toy.fit.FitResult` (its ``ema_params['net']`` is what gets evaluated)."""
+    mixture = MIXTURES[mixture]()
+    nd = build_network(model)
+    res = fit_distill(
+        DISTILL[name]["objective"], nd, mixture, jax.random.key(seed), init_net=init_net,
+        steps=steps, teacher_apply_fn=gmm_lib.teacher_apply_fn(mixture, SIGMA_D),
+        warmup_steps=steps // 6, ema_halflife_steps=steps / 20, **FIT,
+        **distill_options(name, steps),
+    )  # fmt: skip
+    return nd, res
+
+
 def run_distill(
     name: str, init_net: Any, model: dict[str, Any] = MLP, mixture: str = "ring",
     steps: int = DISTILL_STEPS, seed: int = 0, num_samples: int = 8192,
 ) -> dict:  # fmt: skip
-    """Distil the exact teacher of ``MIXTURES[mixture]`` with ``DISTILL[name]`` from ``init_net``
-    (:func:`pretrain` of ``model`` on that mixture) and evaluate the EMA student.
+    """:func:`distill`, then evaluate the EMA student.
 
     Returns :func:`evaluate_consistency_model`'s and :func:`evaluate_modes`' metrics plus
     ``name``, ``mixture``, ``seed``, ``steps``, ``train_seconds``, ``final_loss`` and the settings.
     """
     mixture_name, mixture = mixture, MIXTURES[mixture]()
-    nd = build_network(model)
-    recipe = DISTILL[name]
-    options = {k: v for k, v in recipe.items() if k != "objective"}
-    if recipe["objective"] == "rcm":  # the DMD term from the end of the tangent warm-up
-        options["dmd"] = {**options["dmd"], "start_step": steps // 6}
-    res = fit_distill(
-        recipe["objective"], nd, mixture, jax.random.key(seed), init_net=init_net, steps=steps,
-        teacher_apply_fn=gmm_lib.teacher_apply_fn(mixture, SIGMA_D), warmup_steps=steps // 6,
-        ema_halflife_steps=steps / 20, **FIT, **options,
-    )  # fmt: skip
+    nd, res = distill(name, init_net, model, mixture_name, steps, seed)
+    options = distill_options(name, steps)
     key = jax.random.key(seed + 1)
     params = res.ema_params["net"]
     kw = {"sigma_d": SIGMA_D, "num_samples": num_samples}
