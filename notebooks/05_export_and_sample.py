@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -31,6 +33,7 @@
 
 # %%
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -174,3 +177,6 @@ save(fig, "05_jax_vs_pytorch.png")
 # The export folder also feeds `scm-jax sample --workdir`, `--config.teacher.workdir` (an sCD
 # teacher) and, with `--to onnx` / `--to stablehlo`, ONNX Runtime and `jax.export`
 # (docs/export.md).
+
+# %%
+shutil.rmtree(scratch)  # this notebook's short run and export (a `workdir` passed in is kept)
