@@ -53,7 +53,7 @@ STUDENT_KIMG = 8
 TEACHER = RUNS / "teacher"
 FROM_TEACHER = [f"--config.total_kimg={STUDENT_KIMG}", f"--config.teacher.workdir={TEACHER}"]
 COMMON = ["--config.batch_size=32", "--config.train.log_every_kimg=3.2",
-          "--config.train.ckpt_every_kimg=6.4", "--config.train.sample_every_kimg=0"]  # fmt: skip
+          "--config.train.ckpt_every_kimg=1.6", "--config.train.sample_every_kimg=0"]  # fmt: skip
 RECIPES: dict[str, dict[str, Any]] = {
     "teacher": {
         "config": "mnist:size=s,objective=diffusion",
