@@ -35,8 +35,9 @@ $(TEST_STAMP): $(STAMP)
 	touch $@
 
 # Tests run in parallel processes (pytest-xdist), one test file per process at a time so that a
-# file's module fixtures are built once; TEST_WORKERS=0 runs them in this process.
-TEST_WORKERS ?= auto
+# file's module fixtures are built once. 2 workers suit CI's two cores; TEST_WORKERS=auto uses
+# every core, TEST_WORKERS=0 runs the tests in this process.
+TEST_WORKERS ?= 2
 test: $(TEST_STAMP) lint
 	$(BIN)/python -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile
 
