@@ -270,8 +270,7 @@ def table() -> str:
         ev = stages.get("eval_" + name)
         if ev is None:
             continue
-        train = stages["train_" + name]
-        seen = train.get("kimg") or _kimg(name, train["step"])
+        seen = stages["train_" + name]["kimg"]
         kimg = f"{seen:g}" if name == "teacher" else f"{seen:g} (+ teacher's)"
         for r in ev["rows"]:
             per_1k = 1000 * r["sampling_seconds"] / r["num"]

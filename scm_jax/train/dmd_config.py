@@ -24,6 +24,7 @@ from scm_jax.sharding import batch_sharding
 from scm_jax.train.state import TrainState
 from scm_jax.train.step import StepFn
 from scm_jax.train.step_dmd import DMDOptions, init_dmd_state, make_dmd_train_step
+from scm_jax.validate import ConfigError, dmd_problems
 
 NUM_TIME_BINS = 4  # the training loop's per-time-bin loss metrics
 
@@ -34,8 +35,6 @@ def validate_dmd_config(config: ml_collections.ConfigDict) -> None:
     the student, ``train.micro_batches`` = 1 (no gradient accumulation for DMD / rCM). Other
     objectives are not checked. ``scm-jax train`` checks the same in ``scm_jax.validate``.
     """
-    from scm_jax.validate import ConfigError, dmd_problems
-
     found = dmd_problems(config)
     if found:
         raise ConfigError(found)
