@@ -6,6 +6,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -235,3 +238,26 @@ def test_topology_without_libtpu_says_how_to_get_it(capsys):
     rc, _, err = run_cli(capsys, "info", "--config", "toy_gmm:smoke", "--topology", "v5p-8")
     assert rc == 2 and "compiles with libtpu, which is not installed" in err
     assert "pip install 'jax[tpu]==" in err and len(err.strip().splitlines()) == 1
+
+
+NO_LIBTPU = importlib.util.find_spec("libtpu") is None
+
+
+@pytest.mark.skipif(NO_LIBTPU, reason="needs libtpu (not installed)")
+def test_topology_compiles_the_scd_step_for_tpu_chips():
+    """With libtpu installed, ``--topology`` compiles the real sCD step for a v5p slice on this
+    CPU-only machine (a fresh process: the TPU client must not see this test's CPU flags)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    argv = ["info", "--config", "toy_gmm:smoke,objective=scd", "--topology", "v5p-8",
+            "--mesh", "data=2,fsdp=2", "--json"]  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", "scm_jax", *argv], env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    report = json.loads(out)
+    compiled = report["compiled"]
+    where = (compiled["platform"], compiled["topology"], compiled["devices"])
+    assert where == ("tpu", "v5:2x2x1", 4)
+    assert report["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1}
+    assert compiled["argument_bytes"] >= report["state_bytes_per_device"] > 0
+    assert 0 < compiled["total_bytes"] < compiled["hbm_bytes"]

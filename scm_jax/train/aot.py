@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import math
+import os
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -342,6 +343,9 @@ def tpu_topology_devices(name: str) -> tuple[list[Any], dict[str, Any]]:
             f"install it in a separate environment: pip install 'jax[tpu]=={jax.__version__}' "
             "(docs/scaling.md#tpu)"
         )
+    # Compile-only devices never touch a chip: let libtpu load although another process (a
+    # training job on this TPU VM, a test session) holds its single-process lock file.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
 
     grid = [int(g) for g in desc["topology"].split(":")[1].split("x")]
