@@ -319,7 +319,9 @@ def make_dmd_train_step(
         def body(critic, i):
             return critic_update(critic, i, state.params["net"], x0, labels, guidance, k_critic)
 
-        critic, (c_loss, c_norm, c_ok) = jax.lax.scan(body, state.critic, jnp.arange(k))
+        critic, (c_loss, c_norm, c_ok) = jax.lax.scan(
+            body, state.critic, jnp.arange(k), unroll=True
+        )
         c_n = jnp.maximum(c_ok.sum(), 1)
         pool = jax.random.fold_in(state.key(), jnp.uint32(PAIRS_KEY))  # regression noise pool
         (loss, aux), grads = jax.value_and_grad(gen_loss, has_aux=True)(
