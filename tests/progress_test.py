@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from scm_jax.train.progress import Progress, format_duration
+from scm_jax.train.progress import Progress, emit, format_duration
 
 
 class FakeClock:
@@ -82,3 +84,20 @@ def test_resume_restart_timer_and_quiet():
     assert p.images_per_s is None and p.timing_scalars() == {}
     with pytest.raises(ValueError):
         Progress(0, batch_size=1)
+
+
+def test_emit_survives_a_reader_that_went_away():
+    """A closed pipe (``| tee`` gone): the first failed write points the stream at /dev/null,
+    later lines and the final flush succeed silently."""
+    read_end, write_end = os.pipe()
+    stream = os.fdopen(write_end, "w")
+    try:
+        emit("first", stream)
+        assert os.read(read_end, 100) == b"first\n"
+        os.close(read_end)  # the reader goes away
+        emit("second", stream)  # BrokenPipeError inside; nothing raised
+        emit("third", stream)
+        stream.flush()
+        assert os.readlink(f"/proc/self/fd/{stream.fileno()}") == os.devnull
+    finally:
+        stream.close()

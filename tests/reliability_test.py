@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -148,6 +149,35 @@ def test_k_skipped_steps_in_a_row_stop_with_the_last_good_state(tmp_path):
 
 
 # ------------------------------------------------------------------------- signals and resume
+
+
+@pytest.mark.slow
+def test_sigterm_after_the_output_pipe_closed_still_checkpoints(tmp_path):
+    """``scm-jax train ... | tee log`` and Ctrl-C: the reader dies first, then the trainer gets
+    the signal. Its next progress line meets a broken pipe; the run must still finish the step,
+    write its checkpoint and exit with 128 + 15, not die in ``print`` and lose the steps."""
+    steps = 400
+    args = ["--config", "toy_gmm:smoke", f"--config.total_kimg={steps * BATCH / 1000}",
+            f"--config.train.log_every_kimg={BATCH / 1000}", "--config.train.ckpt_every_kimg=0",
+            "--config.train.sample_every_kimg=0"]  # fmt: skip
+    env = {**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "scm_jax", "train", *args, "--workdir", str(tmp_path / "run")],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        for line in proc.stdout:  # progress after compilation: the run is stepping
+            if line.startswith("step "):
+                break
+        proc.stdout.close()  # the reader goes away; the trainer keeps logging every step
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM
+    saved = Checkpointer(tmp_path / "run", read_only=True).all_steps()
+    assert len(saved) == 1 and 1 <= saved[0] < steps, saved
 
 
 @pytest.mark.slow

@@ -40,6 +40,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from scm_jax.train.progress import emit
 from scm_jax.train.state import TrainState
 
 CHECKPOINT_DIR = "checkpoints"
@@ -63,7 +64,7 @@ class CheckpointMismatchError(CheckpointError):
 
 
 def _warn(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+    emit(line, sys.stderr)
 
 
 class _AbandonedReads(logging.Filter):

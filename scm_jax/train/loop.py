@@ -39,7 +39,7 @@ from scm_jax.train.aot import state_fn, train_step_from_config
 from scm_jax.train.checkpoint import Checkpointer
 from scm_jax.train.evals import PeriodicEval
 from scm_jax.train.previews import write_previews
-from scm_jax.train.progress import Progress
+from scm_jax.train.progress import Progress, emit
 from scm_jax.train.state import abstract_state, create_sharded_state, init_state, with_shardings
 from scm_jax.train.step import make_train_step
 from scm_jax.train.stopping import NonfiniteGuard, NonfiniteStepsError, StopSignals
@@ -72,7 +72,7 @@ def _initial_net(config, mesh, teacher: Teacher | None, log) -> Any:
 
 def _print(line: str) -> None:
     if jax.process_index() == 0:  # one copy of the progress, not one per process
-        print(line, flush=True)  # flushed: logs of batch jobs go to files
+        emit(line)  # flushed: logs of batch jobs go to files; a closed pipe is survived
 
 
 def train(
@@ -280,10 +280,10 @@ def train(
     final = int(state.step)
     guard.sync()
     diverged = guard.should_stop
+    if final != saved_at:  # first: nothing after the last step may lose it
+        save(state)
     if final != logged_at:
         last = progress_log(progress, writers, final, acc, guard.total)
-    if final != saved_at:
-        save(state)
     if (stop.signum is None and not diverged) or final == total_steps:
         samples += previews(state)
         if periodic is not None and final not in evals:

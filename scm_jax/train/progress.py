@@ -12,13 +12,34 @@ newest interval), so one slow interval (an evaluation) moves it only part of the
 from __future__ import annotations
 
 import math
+import os
+import sys
 import time
 from collections.abc import Callable, Mapping
+from typing import TextIO
 
 # Scalars shown on the line by default: metric name -> label.
 DEFAULT_SHOW: dict[str, str] = {"loss": "loss", "grad_norm": "grad"}
 
 _EMA_NEW = 0.5  # weight of the newest interval in the smoothed step time
+
+
+def emit(line: str, stream: TextIO | None = None) -> None:
+    """Print ``line`` to ``stream`` (default stdout) and flush it.
+
+    A reader that went away (``scm-jax train ... | tee log`` after Ctrl-C stopped ``tee``, a
+    closed terminal or log collector) must not stop training or its final checkpoint: on a
+    broken pipe the stream's file descriptor is pointed at ``os.devnull`` and the run goes on
+    without console output (its metrics still go to ``metrics.jsonl`` and TensorBoard).
+    """
+    stream = sys.stdout if stream is None else stream
+    try:
+        print(line, file=stream, flush=True)
+    except (BrokenPipeError, ConnectionResetError):
+        try:  # later writes (and the interpreter's flush at exit) go nowhere instead of failing
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+        except (OSError, ValueError):
+            pass
 
 
 def format_duration(seconds: float) -> str:
