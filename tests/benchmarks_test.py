@@ -238,3 +238,21 @@ def test_sd_vae_decoder_runs_in_bf16_and_raw_latents_invert_the_normalisation():
     latent = raw_latents(z, mean, std, 0.5)
     back = (latent - jnp.asarray(mean)) * 0.5 / jnp.asarray(std)
     assert jnp.allclose(back, z, atol=1e-5)
+
+
+def test_dmd_critic_loop_times_both_versions(tmp_path):
+    """``benchmarks/dmd_critic_loop.py --quick`` (the toy MLP) times the unrolled and the looped
+    critic of DMD and rCM and records both (in this process: no device of its own needed)."""
+    spec = importlib.util.spec_from_file_location(
+        "dmd_critic_loop", REPO / "benchmarks" / "dmd_critic_loop.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "dmd_critic_loop.json"
+    module.main(["--quick", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == "dmd_critic_loop" and data["complete"]
+    pairs = {(r["objective"], r["critic_updates"], r["critic"]) for r in data["rows"]}
+    assert pairs == {("dmd", 2, "unrolled"), ("dmd", 2, "loop"), ("rcm", 4, "unrolled"),
+                     ("rcm", 4, "loop")}  # fmt: skip
+    assert all(_positive(r["median_s"]) and _positive(r["loop_over_this"]) for r in data["rows"])

@@ -142,7 +142,8 @@ def test_student_rollout_unrolls_the_sampler_with_gradient_through_the_last_step
 @pytest.mark.parametrize("objective", ["dmd", "rcm"])
 def test_ttur_counts_critic_and_generator_updates(objective):
     """k critic updates and one generator update per step; the step counts generator updates
-    (rCM with 2-step rollouts; DMD with the regression term)."""
+    (rCM with 2-step rollouts; DMD with the regression term); the critic's loop, unrolled or
+    not, gives the same state."""
     nd = build_network({"arch": "mlp", "data_dim": 2, "hidden": 16, "depth": 1,
                         "emb_channels": 16, "weight_channels": 16, "sigma_d": SIGMA_D})  # fmt: skip
     k, steps = 3, 2
@@ -153,15 +154,20 @@ def test_ttur_counts_critic_and_generator_updates(objective):
         options = DMDOptions(critic_updates=k, regression_weight=0.25, regression_steps=2,
                              regression_batch=4, regression_pairs=4)  # fmt: skip
     ema = {"power_std": (), "halflife_kimg": 0.1}
-    step = jax.jit(make_dmd_train_step(
+    step, looped = (jax.jit(make_dmd_train_step(
         nd, tx, schedule, critic_tx, objective=objective, options=options, sigma_d=SIGMA_D,
-        P_mean=-1.0, P_std=1.6, batch_size=8, **ema,
+        P_mean=-1.0, P_std=1.6, batch_size=8, **ema, unroll_critic=unroll,
         teacher_apply_fn=gmm_lib.teacher_apply_fn(gmm_lib.ring_mixture(), SIGMA_D),
-    ))  # fmt: skip
+    )) for unroll in (True, False))  # fmt: skip
     state = init_dmd_state(nd, tx, critic_tx, jax.random.key(0), **ema)
     x0 = gmm_lib.ring_mixture().sample(jax.random.key(1), 8)
+    in_loop = state
     for _ in range(steps):
         state, values = step(state, x0, None, None)
+        in_loop, _ = looped(in_loop, x0, None, None)
+    # the unrolled critic updates (the default) are the scanned ones, written out
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(in_loop), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
     count = lambda opt: int(opt[0].count)  # Adam's ScaleByAdamState
     assert int(state.step) == steps
     assert count(state.opt_state) == steps and count(state.critic["opt_state"]) == steps * k

@@ -71,10 +71,11 @@ def dmd_state_fn(
 def dmd_step_from_config(
     config: ml_collections.ConfigDict, nd: NetworkDef, teacher_apply_fn: ApplyFn | None, *,
     mesh: Mesh | None = None, tx: optax.GradientTransformation | None = None,
-    schedule: Any = None,
+    schedule: Any = None, unroll_critic: bool = True,
 ) -> StepFn:  # fmt: skip
     """The (unjitted) DMD / rCM step of ``config`` (``make_dmd_train_step`` with its options);
-    arguments as ``scm_jax.train.aot.train_step_from_config``."""
+    arguments as ``scm_jax.train.aot.train_step_from_config``, ``unroll_critic`` as
+    ``make_dmd_train_step``'s."""
     validate_dmd_config(config)
     if tx is None or schedule is None:
         tx, schedule = make_optimizer(**config.optim, batch_size=config.batch_size)
@@ -99,4 +100,5 @@ def dmd_step_from_config(
             config.trigflow.P_mean, config.trigflow.P_std, sigma_d, NUM_TIME_BINS
         ),
         batch_sharding=None if mesh is None else batch_sharding(mesh, config.mesh.rules),
+        unroll_critic=unroll_critic,
     )  # fmt: skip

@@ -9,9 +9,10 @@ student's paths under ``critic``, so the sharding rules split it exactly like th
 One step (``state.step`` counts generator updates, the unit of ``total_kimg``, the learning-rate
 schedule and the EMAs; it reads one data batch):
 
-1. k = ``dmd.critic_updates`` critic updates (a ``lax.scan``): draw a stop-gradient rollout of the
-   student (``losses.rollout``), then one optimiser step of the critic on the TrigFlow diffusion
-   loss of those samples (``diffusion_loss``; learned weighting optional), skipped if not finite;
+1. k = ``dmd.critic_updates`` critic updates (unrolled; ``unroll_critic``): draw a stop-gradient
+   rollout of the student (``losses.rollout``), then one optimiser step of the critic on the
+   TrigFlow diffusion loss of those samples (``diffusion_loss``; learned weighting optional),
+   skipped if not finite;
 2. the generator: a rollout with gradient through its last step; the DMD loss against the
    updated critic and the (CFG-)teacher at t ~ p_D (``dmd_generator_loss``), times
    ``dmd.weight`` from ``dmd.start_step`` on; DMD's regression term (optional); for rCM plus
@@ -143,6 +144,7 @@ def make_dmd_train_step(
     guidance_range: tuple[float, float] = (1.0, 1.0),
     time_edges: tuple[float, ...] | None = None,
     batch_sharding: NamedSharding | None = None,
+    unroll_critic: bool = True,
 ) -> StepFn:
     """The (unjitted) DMD / rCM training step (module docstring).
 
@@ -162,6 +164,9 @@ def make_dmd_train_step(
         input receives s (so does the critic); without one the range must be one scale.
       time_edges: rCM's sCD time bins; DMD's per-bin loss uses p_D's quartiles.
       batch_sharding: the batch's sharding (per-sample dropout keeps rows local).
+      unroll_critic: write the k critic updates as straight-line code (default) instead of a
+        ``lax.scan`` loop. The same arithmetic; XLA:CPU ran the looped updates about 14x slower
+        (``benchmarks/dmd_critic_loop.py``); a loop compiles the critic's update once.
     Returns:
       ``step(state, x0, labels, teacher_params) -> (state, values)`` as ``make_train_step``;
       ``values``: loss, dmd_loss, critic_loss, critic_grad_norm, critic_skipped, grad_norm,
@@ -319,9 +324,14 @@ def make_dmd_train_step(
         def body(critic, i):
             return critic_update(critic, i, state.params["net"], x0, labels, guidance, k_critic)
 
-        critic, (c_loss, c_norm, c_ok) = jax.lax.scan(
-            body, state.critic, jnp.arange(k), unroll=True
-        )
+        if unroll_critic:  # a Python loop: straight-line code even for k = 1 (scan keeps a loop)
+            critic, outs = state.critic, []
+            for i in range(k):
+                critic, out = body(critic, jnp.int32(i))
+                outs.append(out)
+            c_loss, c_norm, c_ok = (jnp.stack(v) for v in zip(*outs, strict=True))
+        else:
+            critic, (c_loss, c_norm, c_ok) = jax.lax.scan(body, state.critic, jnp.arange(k))
         c_n = jnp.maximum(c_ok.sum(), 1)
         pool = jax.random.fold_in(state.key(), jnp.uint32(PAIRS_KEY))  # regression noise pool
         (loss, aux), grads = jax.value_and_grad(gen_loss, has_aux=True)(
