@@ -151,20 +151,27 @@ def test_k_skipped_steps_in_a_row_stop_with_the_last_good_state(tmp_path):
 # ------------------------------------------------------------------------- signals and resume
 
 
+def _toy_train_process(workdir: Path, steps: int, *options: str) -> subprocess.Popen:
+    """``python -m scm_jax train`` of ``toy_gmm:smoke`` for ``steps`` steps, output piped; the
+    same XLA flags and options as this process (conftest), so the programs are the same."""
+    args = ["--config", "toy_gmm:smoke", f"--config.total_kimg={steps * BATCH / 1000}",
+            "--config.train.sample_every_kimg=0", *options]  # fmt: skip
+    env = {**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "scm_jax", "train", *args, "--workdir", str(workdir)],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
 @pytest.mark.slow
 def test_sigterm_after_the_output_pipe_closed_still_checkpoints(tmp_path):
     """``scm-jax train ... | tee log`` and Ctrl-C: the reader dies first, then the trainer gets
     the signal. Its next progress line meets a broken pipe; the run must still finish the step,
     write its checkpoint and exit with 128 + 15, not die in ``print`` and lose the steps."""
     steps = 400
-    args = ["--config", "toy_gmm:smoke", f"--config.total_kimg={steps * BATCH / 1000}",
-            f"--config.train.log_every_kimg={BATCH / 1000}", "--config.train.ckpt_every_kimg=0",
-            "--config.train.sample_every_kimg=0"]  # fmt: skip
-    env = {**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "scm_jax", "train", *args, "--workdir", str(tmp_path / "run")],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+    every_step = f"--config.train.log_every_kimg={BATCH / 1000}"
+    no_ckpt = "--config.train.ckpt_every_kimg=0"
+    proc = _toy_train_process(tmp_path / "run", steps, every_step, no_ckpt)
     try:
         for line in proc.stdout:  # progress after compilation: the run is stepping
             if line.startswith("step "):
@@ -185,15 +192,8 @@ def test_sigterm_to_a_training_process_then_resume_equals_an_uninterrupted_run(t
     """``python -m scm_jax train`` gets SIGTERM mid-run: it finishes the step, checkpoints and
     exits with 128 + 15; resuming reaches bit-identical parameters, Adam state and EMAs."""
     steps = 120
-    args = ["--config", "toy_gmm:smoke", f"--config.total_kimg={steps * BATCH / 1000}",
-            f"--config.train.log_every_kimg={10 * BATCH / 1000}",
-            "--config.train.sample_every_kimg=0"]  # fmt: skip
-    # The same XLA flags and options as this process (conftest), so the programs are the same.
-    env = {**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "scm_jax", "train", *args, "--workdir", str(tmp_path / "cut")],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+    proc = _toy_train_process(tmp_path / "cut", steps,
+                              f"--config.train.log_every_kimg={10 * BATCH / 1000}")  # fmt: skip
     out: list[str] = []
     try:
         for line in proc.stdout:  # wait for progress (after compilation), then preempt
