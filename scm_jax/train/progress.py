@@ -36,10 +36,13 @@ def emit(line: str, stream: TextIO | None = None) -> None:
     try:
         print(line, file=stream, flush=True)
     except (BrokenPipeError, ConnectionResetError):
+        null = os.open(os.devnull, os.O_WRONLY)
         try:  # later writes (and the interpreter's flush at exit) go nowhere instead of failing
-            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
-        except (OSError, ValueError):
+            os.dup2(null, stream.fileno())
+        except (OSError, ValueError):  # no descriptor to redirect: the next write fails again
             pass
+        finally:
+            os.close(null)
 
 
 def format_duration(seconds: float) -> str:
