@@ -54,8 +54,9 @@ class Dataset:
 
 
 OBJECTIVE = {"teacher": "diffusion", "scd": "scd", "sct": "sct", "dmd": "dmd", "rcm": "rcm",
-             "scd_long": "scd"}  # fmt: skip
-EVAL_STEPS = {"scd": "1,2", "sct": "1,2", "dmd": "1", "rcm": "1,2", "scd_long": "1,2"}
+             "scd_rcm_form": "scd", "scd_long": "scd"}  # fmt: skip
+EVAL_STEPS = {"scd": "1,2", "sct": "1,2", "dmd": "1", "rcm": "1,2", "scd_rcm_form": "1,2",
+              "scd_long": "1,2"}  # fmt: skip
 GRID_STEPS = {"teacher": "18", "dmd": "1"}  # the rest: 2 steps
 
 MNIST = Dataset(
@@ -73,8 +74,11 @@ MNIST = Dataset(
     overrides={
         "teacher": ("--config.ema.halflife_kimg=4", "--config.optim.lr_ref_kimg=6.4"),
         "sct": ("--config.optim.lr=1e-3",),  # sCT from the teacher: sCD's fine-tuning rate
+        # rCM's sCD term alone (no adaptive weighting, rCM's warm-up form, no DMD term): which
+        # part of rCM's difference from sCD comes from its form of the sCD loss
+        "scd_rcm_form": ("--config.loss.adaptive_weighting=False", "--config.loss.warmup_form=rcm"),
     },
-    order=("teacher", "scd", "sct", "dmd", "rcm", "scd_long"),
+    order=("teacher", "scd", "sct", "dmd", "rcm", "scd_rcm_form", "scd_long"),
 )
 
 # CIFAR-10 (sCM Table 1: unconditional, 32x32) for one GPU: EDM2-S-sized U-Net (51 M), the
