@@ -38,6 +38,7 @@ import numpy as np
 from quality_recipes import (
     DATASETS,
     EVAL_STEPS,
+    GRID_RUNS,
     GRID_STEPS,
     REPO,
     SHARED,
@@ -222,10 +223,10 @@ class Pipeline:
                     rows=rows)  # fmt: skip
 
     def stage_grids(self, force: bool) -> None:
-        """Sample grids (ten per class when class-conditional, else 100) of every trained run."""
+        """Sample grids (ten per class for MNIST, else 100) of the trained main runs."""
         self.images.mkdir(parents=True, exist_ok=True)
         trained = self.load()["stages"]
-        for name in self.ds.order:
+        for name in (n for n in self.ds.order if n in GRID_RUNS):
             out = self.images / f"quality_{self.ds.name}_{name}.png"
             if "train_" + name not in trained or (out.is_file() and not force):
                 continue

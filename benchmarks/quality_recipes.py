@@ -54,10 +54,12 @@ class Dataset:
 
 
 OBJECTIVE = {"teacher": "diffusion", "scd": "scd", "sct": "sct", "dmd": "dmd", "rcm": "rcm",
-             "scd_rcm_form": "scd", "scd_long": "scd"}  # fmt: skip
+             "scd_rcm_form": "scd", "rcm_adaptive": "rcm", "scd_rcm_warmup": "scd",
+             "scd_long": "scd"}  # fmt: skip
 EVAL_STEPS = {"scd": "1,2", "sct": "1,2", "dmd": "1", "rcm": "1,2", "scd_rcm_form": "1,2",
-              "scd_long": "1,2"}  # fmt: skip
+              "rcm_adaptive": "1,2", "scd_rcm_warmup": "1,2", "scd_long": "1,2"}  # fmt: skip
 GRID_STEPS = {"teacher": "18", "dmd": "1"}  # the rest: 2 steps
+GRID_RUNS = ("teacher", "scd", "sct", "dmd", "rcm")  # the diagnostic variants get no grid
 
 MNIST = Dataset(
     name="mnist",
@@ -77,8 +79,22 @@ MNIST = Dataset(
         # rCM's sCD term alone (no adaptive weighting, rCM's warm-up form, no DMD term): which
         # part of rCM's difference from sCD comes from its form of the sCD loss
         "scd_rcm_form": ("--config.loss.adaptive_weighting=False", "--config.loss.warmup_form=rcm"),
+        # and rCM with sCD's adaptive weighting (the option the rCM recipe leaves out)
+        "rcm_adaptive": ("--config.loss.adaptive_weighting=True",),
+        # and sCD with rCM's tangent warm-up form only (adaptive weighting on)
+        "scd_rcm_warmup": ("--config.loss.warmup_form=rcm",),
     },
-    order=("teacher", "scd", "sct", "dmd", "rcm", "scd_rcm_form", "scd_long"),
+    order=(
+        "teacher",
+        "scd",
+        "sct",
+        "dmd",
+        "rcm",
+        "scd_rcm_form",
+        "scd_long",
+        "rcm_adaptive",
+        "scd_rcm_warmup",
+    ),
 )
 
 # CIFAR-10 (sCM Table 1: unconditional, 32x32) for one GPU: EDM2-S-sized U-Net (51 M), the
