@@ -75,9 +75,7 @@ class Pipeline:
             if smoke
             else REPO / "benchmarks" / "results" / f"quality_{ds.name}.json"
         )
-        self.ref = WORK / (
-            "mnist_test_stats.npz" if tag == "mnist" else f"{tag}_ref_stats.npz"
-        )  # the MNIST name predates the other datasets
+        self.ref = WORK / (ds.ref_stats.replace(".npz", "_smoke.npz") if smoke else ds.ref_stats)
         self.images = self.runs if smoke else REPO / "docs" / "images"
         self.docs = DOCS
         self.begin = f"<!-- quality-{ds.name}:begin -->"
@@ -230,9 +228,9 @@ class Pipeline:
             out = self.images / f"quality_{self.ds.name}_{name}.png"
             if "train_" + name not in trained or (out.is_file() and not force):
                 continue
-            labels = ["--labels", "0-9"] if self.ds.name == "mnist" else []
             self.run("grid_" + name, ["sample", "--workdir", str(self.runs / name), "--steps",
-                                      GRID_STEPS.get(name, "2"), "--num", "100", *labels,
+                                      GRID_STEPS.get(name, "2"), "--num", "100",
+                                      *self.ds.grid_labels,
                                       "--out", str(out)])  # fmt: skip
 
     # -- the table ------------------------------------------------------------------------------
@@ -246,9 +244,8 @@ class Pipeline:
         def ratio(value: float) -> str:
             return f"{value / teacher_fid:.2f}" if teacher_fid else ""
 
-        num_ref = "test 10k" if self.ds.name == "mnist" else "train 50k"
-        lines = [f"| model | sampler | NFE | samples | FID (vs {num_ref}) | ratio to teacher |"
-                 " sampling s / 1k | images seen (kimg) |", "|---" * 8 + "|"]  # fmt: skip
+        lines = [f"| model | sampler | NFE | samples | FID (vs {self.ds.ref_column}) | ratio to "
+                 "teacher | sampling s / 1k | images seen (kimg) |", "|---" * 8 + "|"]  # fmt: skip
         if "floor" in stages:
             f = stages["floor"]
             lines.append(f"| {self.ds.floor_desc} | - | - | {f['num']} | {f['fid']:.2f} | "

