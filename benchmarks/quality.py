@@ -45,6 +45,7 @@ from quality_recipes import (
     SMOKE,
     TEACHER_NFE,
     Dataset,
+    run_lengths,
     train_argv,
 )
 
@@ -183,17 +184,31 @@ class Pipeline:
         value, _ = fid.fid_from_stats(fid.load_stats(self.ref), fid.load_stats(out), warn=False)
         self.record("floor", argv, seconds, fid=value, num=num)
 
-    def stage_train(self, name: str, force: bool) -> None:
-        """Train (or resume) one run; students need their teacher first."""
-        if name != "teacher" and "train_teacher" not in self.load()["stages"]:
+    def key(self, kind: str, name: str, kimg: float) -> str:
+        """A stage's name: ``train_scd`` for a run with one length, ``train_scd@16`` for one
+        evaluated at several."""
+        lengths = run_lengths(self.ds, name, self.smoke)
+        return f"{kind}_{name}" if len(lengths) == 1 else f"{kind}_{name}@{kimg:g}"
+
+    def stage_train(self, name: str, force: bool, kimg: float | None = None) -> None:
+        """Train (or resume) one run up to ``kimg`` (default: through all its lengths in turn,
+        each resuming the same workdir); students need their teacher's last length first."""
+        teacher_done = self.key("train", "teacher", run_lengths(self.ds, "teacher", self.smoke)[-1])
+        if name != "teacher" and teacher_done not in self.load()["stages"]:
             sys.exit(f"train {name}: train teacher first")
-        if self.done("train_" + name, force):
+        lengths = run_lengths(self.ds, name, self.smoke)
+        for k in lengths if kimg is None else (kimg,):
+            self._train_to(name, k, force)
+
+    def _train_to(self, name: str, kimg: float, force: bool) -> None:
+        stage = self.key("train", name, kimg)
+        if self.done(stage, force):
             return
-        argv = train_argv(self.ds, name, self.runs, self.smoke)
-        seconds = self.run("train_" + name, argv)
+        argv = train_argv(self.ds, name, self.runs, self.smoke, kimg)
+        seconds = self.run(stage, argv)
         lines = (self.runs / name / "metrics.jsonl").read_text().splitlines()
         last = next(m for m in map(json.loads, reversed(lines)) if "loss" in m)
-        self.record("train_" + name, argv, seconds, kimg=self._kimg(name, last["step"]),
+        self.record(stage, argv, seconds, kimg=self._kimg(name, last["step"]),
                     step=last["step"], final_loss=last.get("loss"))  # fmt: skip
 
     def _kimg(self, name: str, step: int) -> float:
@@ -201,23 +216,31 @@ class Pipeline:
         batch = json.loads((self.runs / name / "config.json").read_text())["batch_size"]
         return step * batch / 1000
 
-    def stage_eval(self, name: str, num: int, force: bool) -> None:
-        """FID of one run: the teacher with Heun at TEACHER_NFE, a student at 1 and 2 steps."""
-        if self.done("eval_" + name, force):
+    def stage_eval(self, name: str, num: int, force: bool, kimg: float | None = None) -> None:
+        """FID of one run at ``kimg`` (default its budget): the teacher with Heun at
+        TEACHER_NFE, a student at 1 and 2 steps; the checkpoint of that length."""
+        kimg = run_lengths(self.ds, name, self.smoke)[-1] if kimg is None else kimg
+        stage = self.key("eval", name, kimg)
+        if self.done(stage, force):
             return
-        out = self.runs / f"eval_{name}.json"
+        train = self.load()["stages"].get(self.key("train", name, kimg))
+        if train is None:
+            sys.exit(f"eval {name} at {kimg:g} kimg: train it that far first")
+        out = self.runs / f"{stage.replace('@', '_')}.json"
         argv = ["eval", "--workdir", str(self.runs / name), "--ref", str(self.ref),
                 "--num", str(num), "--inception", str(self.inception_weights()),
-                "--json-out", str(out)]  # fmt: skip
+                "--json-out", str(out), "--step", str(train["step"])]  # fmt: skip
+        if name in self.ds.ema:
+            argv += ["--ema", self.ds.ema[name]]
         if name == "teacher":
             argv += ["--teacher-nfe", str(TEACHER_NFE)]
         else:
             argv += ["--steps", EVAL_STEPS[name]]
-        seconds = self.run("eval_" + name, argv)
+        seconds = self.run(stage, argv)
         result = json.loads(out.read_text())
         keys = ("setting", "nfe", "fid", "num", "sampling_seconds", "images_per_s", "notes")
         rows = [{k: r[k] for k in keys} for r in result["results"]]
-        self.record("eval_" + name, argv, seconds, step=result["step"], ema=result["ema"],
+        self.record(stage, argv, seconds, step=result["step"], ema=result["ema"], kimg=kimg,
                     rows=rows)  # fmt: skip
 
     def stage_grids(self, force: bool) -> None:
@@ -226,7 +249,8 @@ class Pipeline:
         trained = self.load()["stages"]
         for name in (n for n in self.ds.order if n in GRID_RUNS):
             out = self.images / f"quality_{self.ds.name}_{name}.png"
-            if "train_" + name not in trained or (out.is_file() and not force):
+            last = self.key("train", name, run_lengths(self.ds, name, self.smoke)[-1])
+            if last not in trained or (out.is_file() and not force):
                 continue
             self.run("grid_" + name, ["sample", "--workdir", str(self.runs / name), "--steps",
                                       GRID_STEPS.get(name, "2"), "--num", "100",
@@ -234,11 +258,15 @@ class Pipeline:
                                       "--out", str(out)])  # fmt: skip
 
     # -- the table ------------------------------------------------------------------------------
-    def table(self) -> str:
+    def table(self, stages: dict[str, Any] | None = None, order: tuple[str, ...] = ()) -> str:
         """The markdown table of every evaluated setting (FID, NFE, time, images seen), with the
-        FID of held-out real images (``floor``) first when measured."""
-        stages = self.load()["stages"]
-        teacher_rows = stages.get("eval_teacher", {}).get("rows", [])
+        FID of held-out real images (``floor``) first when measured; ``stages`` / ``order``:
+        another set of results (the "before" recipe) instead of this recipe's."""
+        stages = self.load()["stages"] if stages is None else stages
+        order = order or self.ds.order
+        evals = [k for k in stages if k.startswith("eval_")]
+        teacher = [k for k in evals if k.split("@")[0] == "eval_teacher"]
+        teacher_rows = stages[teacher[-1]]["rows"] if teacher else []  # the teacher's last
         teacher_fid = teacher_rows[0]["fid"] if teacher_rows else None
 
         def ratio(value: float) -> str:
@@ -250,18 +278,24 @@ class Pipeline:
             f = stages["floor"]
             lines.append(f"| {self.ds.floor_desc} | - | - | {f['num']} | {f['fid']:.2f} | "
                          f"{ratio(f['fid'])} | - | - |")  # fmt: skip
-        for name in self.ds.order:
-            ev = stages.get("eval_" + name)
-            if ev is None:
-                continue
-            seen = stages["train_" + name]["kimg"]
-            kimg = f"{seen:g}" if name == "teacher" else f"{seen:g} (+ teacher's)"
-            for r in ev["rows"]:
-                per_1k = 1000 * r["sampling_seconds"] / r["num"]
-                cells = [name, r["setting"], r["nfe"], r["num"], f"{r['fid']:.2f}",
-                         ratio(r["fid"]), f"{per_1k:.1f}", kimg]  # fmt: skip
-                lines.append("| " + " | ".join(map(str, cells)) + " |")
+        for name in order:
+            for key in (k for k in evals if k.split("@")[0] == "eval_" + name):
+                ev = stages[key]
+                seen = stages["train_" + key.removeprefix("eval_")]["kimg"]
+                kimg = f"{seen:g}" if name == "teacher" else f"{seen:g} (+ teacher's)"
+                for r in ev["rows"]:
+                    per_1k = 1000 * r["sampling_seconds"] / r["num"]
+                    cells = [name, r["setting"], r["nfe"], r["num"], f"{r['fid']:.2f}",
+                             ratio(r["fid"]), f"{per_1k:.1f}", kimg]  # fmt: skip
+                    lines.append("| " + " | ".join(map(str, cells)) + " |")
         return "\n".join(lines)
+
+    def before_table(self) -> str:
+        """The table of the first recipe's results (``"before"`` in the results file)."""
+        before = self.load().get("before")
+        if not before:
+            return ""
+        return self.table(before["stages"], tuple(before["order"]))
 
     def write_docs(self) -> None:
         """Put :meth:`table` between the dataset's markers in docs/results.md."""
@@ -269,7 +303,15 @@ class Pipeline:
         if self.begin not in text or self.end not in text:
             sys.exit(f"{self.docs} has no {self.begin} ... {self.end} markers for the table")
         start, end = text.index(self.begin) + len(self.begin), text.index(self.end)
-        self.docs.write_text(text[:start] + "\n" + self.table() + "\n" + text[end:])
+        text = text[:start] + "\n" + self.table() + "\n" + text[end:]
+        begin, end_marker = (
+            self.begin.replace(":begin", "-before:begin"),
+            self.end.replace(":end", "-before:end"),
+        )
+        if self.before_table() and begin in text and end_marker in text:
+            start, end = text.index(begin) + len(begin), text.index(end_marker)
+            text = text[:start] + "\n" + self.before_table() + "\n" + text[end:]
+        self.docs.write_text(text)
         print(f"wrote the table into {self.docs}")
 
     def all(self, num: int) -> None:
@@ -277,8 +319,9 @@ class Pipeline:
         self.stage_ref(False)
         self.stage_floor(num, False)
         for name in self.ds.order:
-            self.stage_train(name, False)
-            self.stage_eval(name, num, False)
+            for kimg in run_lengths(self.ds, name, self.smoke):
+                self.stage_train(name, False, kimg)
+                self.stage_eval(name, num, False, kimg)
         self.stage_grids(False)
         print(self.table())
 
@@ -294,6 +337,8 @@ def main(argv: list[str]) -> None:
                         "with _smoke when --smoke)")  # fmt: skip
     parser.add_argument("--num", type=int, help="samples per FID (MNIST 2000, CIFAR-10 10000; "
                         "Inception runs ~3 img/s on 2 CPU cores)")  # fmt: skip
+    parser.add_argument("--kimg", type=float, help="train / eval: that length of the run "
+                        "(default: train all its lengths, eval the last)")  # fmt: skip
     parser.add_argument("--force", action="store_true", help="rerun a finished stage")
     parser.add_argument("--write-docs", action="store_true", help="table: into docs/results.md")
     args = parser.parse_args(argv)
@@ -306,9 +351,9 @@ def main(argv: list[str]) -> None:
     elif args.stage == "floor":
         q.stage_floor(num, args.force)
     elif args.stage == "train":
-        q.stage_train(args.name, args.force)
+        q.stage_train(args.name, args.force, args.kimg)
     elif args.stage == "eval":
-        q.stage_eval(args.name, num, args.force)
+        q.stage_eval(args.name, num, args.force, args.kimg)
     elif args.stage == "grids":
         q.stage_grids(args.force)
     elif args.stage == "table":

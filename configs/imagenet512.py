@@ -51,7 +51,12 @@ def get_config(arg=None):
     batch = 8 if a.smoke else 2048
     iters = {"diffusion": t_iters, "sct": 100_000, "scd": 200_000, "dmd": 20_000,
              "rcm": 20_000}[a.objective]  # fmt: skip
-    warmup = 2 if a.smoke else 10_000
+    # the tangent warm-up (sCM: H = 10k steps); smoke runs: half of however many steps
+    warmup = (
+        {"tangent_warmup_steps": 0, "tangent_warmup_fraction": 0.5}
+        if a.smoke
+        else {"tangent_warmup_steps": 10_000}
+    )
     return configlib.assemble(
         dataset={
             "name": "imagenet512_latents",
@@ -88,8 +93,6 @@ def get_config(arg=None):
             "guidance_min": 1.0,
             "guidance_max": 2.0 if distil else 1.0,
         },
-        tangent_warmup_steps=warmup,
-        dmd=configlib.dmd_options(
-            a.objective, lr=lr * 0.01, P_mean=-0.8, P_std=1.6, tangent_warmup_steps=warmup
-        ),
+        **warmup,
+        dmd=configlib.dmd_options(a.objective, lr=lr * 0.01, P_mean=-0.8, P_std=1.6, **warmup),
     )

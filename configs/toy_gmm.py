@@ -37,7 +37,12 @@ def get_config(arg=None):
     }
     batch = 8 if a.smoke else 1024
     lr = 1e-4 if cm else 1e-3
-    warmup = 2 if a.smoke else 1_000
+    # the tangent warm-up (sCM: H = 10k steps); smoke runs: half of however many steps
+    warmup = (
+        {"tangent_warmup_steps": 0, "tangent_warmup_fraction": 0.5}
+        if a.smoke
+        else {"tangent_warmup_steps": 1_000}
+    )
     return configlib.assemble(
         # The mixture itself is part of the config (and so of the run's config JSON): 8 components
         # on a ring of radius 0.65 with std 0.15, overall data std 0.48 ~ sigma_d.
@@ -47,6 +52,10 @@ def get_config(arg=None):
             "shape": (2,),
             "num_classes": 0,
             "num_examples": 1_000 if a.smoke else 1_000_000,  # drawn once, from seed
+            # `scm-jax data-stats --config toy_gmm`: std 0.484 (sigma_d 0.5); the exact teacher
+            # is the mixture's own field, so the points are never rescaled.
+            "mean": (-0.0007, 0.0),
+            "std": (0.4835, 0.4835),
             **ring_mixture().to_dict(),
         },
         objective=a.objective,
@@ -69,8 +78,6 @@ def get_config(arg=None):
         batch_size=batch,
         total_kimg=configlib.kimg(4 if a.smoke else 20_000, batch),
         teacher={"workdir": "", "kind": "exact_gmm", "guidance_min": 1.0, "guidance_max": 1.0},
-        tangent_warmup_steps=warmup,
-        dmd=configlib.dmd_options(
-            a.objective, lr=lr, P_mean=-1.0, P_std=1.6, tangent_warmup_steps=warmup
-        ),
+        **warmup,
+        dmd=configlib.dmd_options(a.objective, lr=lr, P_mean=-1.0, P_std=1.6, **warmup),
     )

@@ -6,6 +6,7 @@
                  [--mesh data=8,fsdp=8] [--batch B] [--micro-batches K] [--remat block]
                  [--compile | --topology v5p-64] [--config.model.dropout=0.2 ...]
   scm-jax config --config configs/mnist.py [--json | --check]
+  scm-jax data-stats --config configs/mnist.py [--num N] [--json]
   scm-jax fid-weights --from pt_inception-2015-12-05-6726825d.pth --out weights/
   scm-jax fid-stats --data /data/cifar10/train.tar.gz --out c10_train.npz [--num N]
                     [--ref other.npz] [--inception weights/inception_fid.npz]
@@ -238,6 +239,16 @@ def cmd_train(config: ml_collections.ConfigDict, argv: Sequence[str]) -> int:
     return 0
 
 
+def cmd_data_stats(config: ml_collections.ConfigDict, argv: Sequence[str]) -> int:
+    """``scm-jax data-stats``: per-channel mean and std of a config's data (docs/method.md)."""
+    from scm_jax.data.stats_command import data_stats_main  # lazy: imports the data sources
+
+    try:
+        return data_stats_main(config, argv)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        raise UsageError(str(e)) from None
+
+
 def parse_labels(text: str | None) -> list[int] | None:
     """``'3'`` -> [3]; ``'0,1,2'`` -> [0, 1, 2]; ``'0-9'`` -> [0..9]; None -> None."""
     if text is None:
@@ -362,6 +373,7 @@ COMMANDS: dict[str, Callable[[ml_collections.ConfigDict, Sequence[str]], int]] =
     "sample": cmd_sample,
     "info": cmd_info,
     "config": cmd_config,
+    "data-stats": cmd_data_stats,
     "fid-weights": cmd_fid_weights,
     "fid-stats": cmd_fid_stats,
     "eval": cmd_eval,

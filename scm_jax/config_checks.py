@@ -54,9 +54,10 @@ def integer(lo: int | None = None, hi: int | None = None) -> Check:
 
 
 def real(
-    gt: float | None = None, ge: float | None = None, lt: float | None = None
+    gt: float | None = None, ge: float | None = None, lt: float | None = None,
+    le: float | None = None,
 ) -> Check:  # fmt: skip
-    """A finite number with the given bounds (> gt, >= ge, < lt)."""
+    """A finite number with the given bounds (> gt, >= ge, < lt, <= le)."""
 
     def check(v: Any) -> str | None:
         if not _is_real(v):
@@ -64,9 +65,9 @@ def real(
         if not math.isfinite(v):
             return "must be finite"
         lo = (gt is not None and v <= gt) or (ge is not None and v < ge)
-        if lo or (lt is not None and v >= lt):
+        if lo or (lt is not None and v >= lt) or (le is not None and v > le):
             left = f"> {gt:g}" if gt is not None else f">= {ge:g}" if ge is not None else ""
-            right = f"< {lt:g}" if lt is not None else ""
+            right = f"< {lt:g}" if lt is not None else f"<= {le:g}" if le is not None else ""
             return "must be " + " and ".join(p for p in (left, right) if p)
         return None
 

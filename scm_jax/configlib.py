@@ -37,6 +37,12 @@ DATASET_DEFAULTS: dict[str, Any] = {
     "num_examples": 0,  # 0 = all; toy_gmm / synthetic: how many examples to draw
     "latent_mean": (),  # per-channel statistics of latents: x = (l - mean) * sigma_d / std
     "latent_std": (),
+    # The data's own statistics, per channel, in data units (images in [-1, 1]), as measured by
+    # `scm-jax data-stats`; normalize='per_channel' trains on x = (x - mean) * sigma_d / std
+    # and every reader of the run's samples inverts it (scm_jax.data.scale; docs/method.md).
+    "mean": (),
+    "std": (),
+    "normalize": "none",  # 'none' or 'per_channel'
 }
 
 # The ``train`` section: intervals in thousands of images (0 = never, except at the end).
@@ -93,6 +99,8 @@ MESH_DEFAULTS: dict[str, Any] = {
 DMD_DEFAULTS: dict[str, Any] = {
     "weight": 1.0,  # lambda of the DMD term (rCM: 0.01)
     "start_step": 0,  # the DMD term is on from this step (rCM: after the tangent warm-up)
+    "start_kimg": 0.0,  # ... or from this many kimg, or this fraction of the run (one of three)
+    "start_fraction": 0.0,
     "P_mean": -0.6931,  # p_D: rCM's N(0, 1.6^2) in sigma / sigma_d, i.e. ln(0.5) at sigma_d = 0.5
     "P_std": 1.6,
     "critic_updates": 1,  # TTUR: fake-score updates per generator update (DMD2: 5; rCM: 4)
@@ -276,6 +284,8 @@ def assemble(
     t_mid: float = 1.1,
     tangent_c: float = 0.1,
     tangent_warmup_steps: int = 10_000,
+    tangent_warmup_kimg: float = 0.0,
+    tangent_warmup_fraction: float = 0.0,
     train: dict[str, Any] | None = None,
     evals: dict[str, Any] | None = None,
     mesh: dict[str, Any] | None = None,
@@ -318,14 +328,17 @@ def assemble(
     cfg.loss = {
         "tangent_c": tangent_c,  # tangent normalisation g / (||g|| + c)
         "tangent_norm": "l2",  # 'l2' over all elements (paper) or 'rms'; docs/method.md
-        "tangent_warmup_steps": tangent_warmup_steps,  # H in r = min(1, step / H); 0 = off
+        # H in r = min(1, step / H), in steps, kimg or a fraction of the run (set one; 0 = off)
+        "tangent_warmup_steps": tangent_warmup_steps,
+        "tangent_warmup_kimg": tangent_warmup_kimg,
+        "tangent_warmup_fraction": tangent_warmup_fraction,
         "warmup_form": "rcm" if objective == "rcm" else "scm",  # 'scm' (Alg. 1) or 'rcm'
         "adaptive_weighting": objective != "rcm",  # False: fixed prior weight (rCM: none)
         "mask_nonfinite": True,  # drop samples whose target is not finite (counted)
     }
     cfg.teacher = teacher or {"workdir": "", "guidance_min": 1.0, "guidance_max": 1.0}
     cfg.optim = optim
-    cfg.ema = ema
+    cfg.ema = {"halflife_fraction": 0.0, **ema}
     cfg.batch_size = batch_size
     cfg.total_kimg = total_kimg
     cfg.seed = 0  # parameters, noise, times and data order all derive from it
@@ -344,7 +357,14 @@ def kimg(iterations: float, batch_size: int) -> float:
 
 
 def dmd_options(
-    objective: str, *, lr: float, P_mean: float, P_std: float, tangent_warmup_steps: int
+    objective: str,
+    *,
+    lr: float,
+    P_mean: float,
+    P_std: float,
+    tangent_warmup_steps: int = 0,
+    tangent_warmup_kimg: float = 0.0,
+    tangent_warmup_fraction: float = 0.0,
 ) -> dict[str, Any]:
     """The ``dmd`` section of a dmd or rcm config (reference §7, §8; docs/method.md).
 
@@ -361,5 +381,56 @@ def dmd_options(
     if objective == "dmd":
         return {**common, "critic_updates": 5, "critic_lr": lr, "generator_steps": 1,
                 "rollout": "fixed"}  # fmt: skip
-    return {**common, "weight": 0.01, "start_step": tangent_warmup_steps, "critic_updates": 4,
-            "critic_lr": 0.2 * lr, "generator_steps": 4, "rollout": "random"}  # fmt: skip
+    start = {"start_step": tangent_warmup_steps, "start_kimg": tangent_warmup_kimg,
+             "start_fraction": tangent_warmup_fraction}  # fmt: skip
+    return {**common, **start, "weight": 0.01, "critic_updates": 4, "critic_lr": 0.2 * lr,
+            "generator_steps": 4, "rollout": "random"}  # fmt: skip
+
+
+# --------------------------------------------------------------------------------- durations
+# (section, steps field, kimg field, fraction field): one duration given in one of three units.
+STEP_DURATIONS = (
+    ("loss", "tangent_warmup_steps", "tangent_warmup_kimg", "tangent_warmup_fraction"),
+    ("dmd", "start_step", "start_kimg", "start_fraction"),
+)
+
+
+def total_steps(config: Any) -> int:
+    """Optimiser steps of the run: ceil(total_kimg * 1000 / batch_size)."""
+    return math.ceil(float(config["total_kimg"]) * 1000 / int(config["batch_size"]))
+
+
+def duration_steps(config: Any, section: str, steps: str, kimg: str, fraction: str) -> int:
+    """One duration of ``config[section]`` in steps, from whichever of its three fields is set:
+    ``steps`` as is, ``kimg`` as round(kimg * 1000 / batch), ``fraction`` as round(fraction *
+    total steps). 0 when none is set (validation refuses more than one)."""
+    sec = config[section]
+    if float(sec.get(fraction, 0.0) or 0.0) > 0:
+        return round(float(sec[fraction]) * total_steps(config))
+    if float(sec.get(kimg, 0.0) or 0.0) > 0:
+        return max(1, round(float(sec[kimg]) * 1000 / int(config["batch_size"])))
+    return int(sec.get(steps, 0) or 0)
+
+
+def resolve_durations(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of ``config`` whose durations are in the units the training step reads: the tangent
+    warm-up and the DMD start in steps (``loss.tangent_warmup_steps``, ``dmd.start_step``), the
+    EMA half-life in kimg (``ema.halflife_kimg``); their kimg / fraction fields set to 0.
+    Idempotent; call it after validation."""
+    plain = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    out = ml_collections.ConfigDict(plain)
+    for section, steps, kimg, fraction in STEP_DURATIONS:
+        if section not in out:
+            continue
+        value = duration_steps(out, section, steps, kimg, fraction)
+        out[section][steps] = value
+        for key in (kimg, fraction):
+            if key in out[section]:
+                out[section][key] = 0.0
+    frac = float(out.ema.get("halflife_fraction", 0.0) or 0.0) if "ema" in out else 0.0
+    if frac > 0:
+        out.ema.halflife_kimg = frac * float(out.total_kimg)
+        out.ema.halflife_fraction = 0.0
+    if getattr(config, "is_locked", False):
+        out.lock()
+    return out

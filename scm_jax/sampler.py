@@ -8,6 +8,10 @@
     x0 = sampler.consistency(x_t, t)                           # f_theta(x_t, t)
     F = sampler.network(x_t / sampler.sigma_d, t)              # F_theta(x_t / sigma_d, t)
 
+``sample``, ``sample_batch`` and ``batch_fn`` return samples in *data units* (images in [-1, 1]):
+the run's data scale (``dataset.normalize``, latents' statistics; ``scm_jax.data.scale``) is
+inverted on the device. ``network`` and ``consistency`` work in model units, like training.
+
 For a consistency model (sCT, sCD) ``steps`` is the number of network evaluations (1 or 2 in
 the paper; sCM's t_mid = 1.1 for 2). For a diffusion run (a teacher) ``steps`` is the number of
 EDM Heun steps of the PF-ODE sampler (2 steps - 1 network evaluations each).
@@ -24,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from scm_jax import sampling, trigflow
+from scm_jax.data.scale import DataScale, data_scale
 from scm_jax.networks import NetworkDef
 
 Array = jax.Array
@@ -38,15 +43,17 @@ class Sampler:
       objective: ``'sct'``/``'scd'`` (consistency sampling) or ``'diffusion'`` (PF-ODE).
       guidance: default guidance scale for networks with a guidance input (sCD CFG students).
       batch_size: largest batch per network call in :meth:`sample` (bounds memory).
+      scale: model units -> data units of the samples (None: the identity).
     """
 
     def __init__(
         self, nd: NetworkDef, params: Any, *, sigma_d: float, sigma_max: float = 80.0,
         t_mid: float = 1.1, objective: str = "sct", guidance: float | None = None,
-        batch_size: int = 256, _cache: dict | None = None,
+        batch_size: int = 256, scale: DataScale | None = None, _cache: dict | None = None,
     ) -> None:  # fmt: skip
         self.nd, self.params = nd, params
         self.sigma_d, self.sigma_max, self.t_mid = float(sigma_d), float(sigma_max), float(t_mid)
+        self.scale = scale or DataScale(sigma_d=float(sigma_d))
         self.objective = objective
         self.guidance = guidance
         self.batch_size = int(batch_size)
@@ -62,7 +69,7 @@ class Sampler:
         return Sampler(
             self.nd, params, sigma_d=self.sigma_d, sigma_max=self.sigma_max, t_mid=self.t_mid,
             objective=self.objective, guidance=self.guidance, batch_size=self.batch_size,
-            _cache=self._cache,
+            scale=self.scale, _cache=self._cache,
         )  # fmt: skip
 
     # -- inputs ---------------------------------------------------------------------------
@@ -121,6 +128,8 @@ class Sampler:
                     steps, trigflow.t_max(self.sigma_max, self.sigma_d), self.t_mid
                 )
                 fn = sampling.make_consistency_sampler(self.nd.apply_fn, shape, times, self.sigma_d)
+            if not self.scale.identity:  # samples in data units, decoded on the device
+                fn = jax.jit(_decoded(fn, self.scale))
             self._cache[key] = fn
         return self._cache[key]
 
@@ -130,8 +139,8 @@ class Sampler:
         return sampling.ode_nfe(steps) if self.objective == "diffusion" else int(steps)
 
     def batch_fn(self, steps: int, batch: int, sharding: Any = None):
-        """The jitted ``fn(params, key, labels, guidance) -> (batch, *shape)`` float32 samples
-        (not clipped) behind :meth:`sample_batch`; inputs come from :meth:`batch_inputs`.
+        """The jitted ``fn(params, key, labels, guidance) -> (batch, *shape)`` float32 samples in
+        data units (not clipped) behind :meth:`sample_batch`; inputs from :meth:`batch_inputs`.
 
         Args:
           steps: network evaluations (consistency) or Heun steps (diffusion).
@@ -178,7 +187,8 @@ class Sampler:
           steps, labels, guidance: as :meth:`sample`.
           sharding: as :meth:`batch_fn` (labels and guidance are placed with it too).
         Returns:
-          jax.Array float32 ``(batch, *shape)``, not clipped (:meth:`sample` clips images).
+          jax.Array float32 ``(batch, *shape)`` in data units, not clipped (:meth:`sample`
+          clips images).
         """
         y, g = self.batch_inputs(labels, batch, guidance)
         if sharding is not None:
@@ -189,7 +199,8 @@ class Sampler:
         self, rng: int | Array, num: int, steps: int = 2, labels: Any = None,
         guidance: float | None = None,
     ) -> np.ndarray:  # fmt: skip
-        """``num`` samples as numpy float32 ``(num, *shape)``; images in [-1, 1] (clipped).
+        """``num`` samples as numpy float32 ``(num, *shape)`` in data units; images in [-1, 1]
+        (clipped).
 
         Args:
           rng: an int seed or a PRNG key; equal seeds give equal samples.
@@ -215,6 +226,15 @@ class Sampler:
         outs.append(np.asarray(pending[0][: pending[1]], np.float32))
         out = np.concatenate(outs)
         return np.clip(out, -1.0, 1.0) if len(self.shape) == 3 else out
+
+
+def _decoded(fn: Any, scale: DataScale) -> Any:
+    """``fn`` followed by ``scale.decode`` (model units -> data units)."""
+
+    def sample(*args: Any) -> Array:
+        return scale.decode(fn(*args))
+
+    return sample
 
 
 def load_sampler(
@@ -247,4 +267,5 @@ def load_sampler(
     return Sampler(
         nd, params, sigma_d=tf["sigma_d"], sigma_max=tf["sigma_max"], t_mid=tf["t_mid"],
         objective=cfg["objective"], guidance=guidance, batch_size=batch_size,
+        scale=data_scale(cfg.get("dataset") or {}, tf["sigma_d"]),
     )  # fmt: skip

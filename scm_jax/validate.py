@@ -39,6 +39,7 @@ from scm_jax.config_checks import (
     sharding_rules,
     text,
 )
+from scm_jax.data.scale import NORMALIZE_MODES
 from scm_jax.losses.common import TANGENT_NORMS, WARMUP_FORMS
 from scm_jax.optim import OPTIMIZER_MOMENTS
 from scm_jax.train.step_dmd import ROLLOUTS
@@ -59,7 +60,9 @@ SECTIONS: dict[str, dict[str, Check]] = {
         "tfds_name": text(), "tfds_data_dir": text(), "split": text(),
         "shape": sequence(integer(1), nonempty=True), "num_classes": integer(0),
         "flip": boolean(), "num_examples": integer(0), "latent_mean": sequence(real()),
-        "latent_std": sequence(real(gt=0)), "?means": sequence(sequence(real())),
+        "latent_std": sequence(real(gt=0)), "mean": sequence(real()),
+        "std": sequence(real(gt=0)), "normalize": one_of(NORMALIZE_MODES),
+        "?means": sequence(sequence(real())),
         "?stds": sequence(real(gt=0)), "?weights": sequence(real(gt=0)),
     },
     "model": {  # keys of either architecture; which apply is checked by build_network
@@ -79,7 +82,8 @@ SECTIONS: dict[str, dict[str, Check]] = {
                  "P_mean": real(), "P_std": real(gt=0)},
     "loss": {
         "tangent_c": real(gt=0), "tangent_norm": one_of(TANGENT_NORMS),
-        "tangent_warmup_steps": integer(0), "warmup_form": one_of(WARMUP_FORMS),
+        "tangent_warmup_steps": integer(0), "tangent_warmup_kimg": real(ge=0),
+        "tangent_warmup_fraction": real(ge=0, le=1), "warmup_form": one_of(WARMUP_FORMS),
         "adaptive_weighting": boolean(), "mask_nonfinite": boolean(),
     },
     "teacher": {"workdir": text(), "guidance_min": real(ge=0), "guidance_max": real(ge=0),
@@ -89,7 +93,8 @@ SECTIONS: dict[str, dict[str, Check]] = {
         "b1": real(ge=0, lt=1), "b2": real(ge=0, lt=1), "eps": real(gt=0),
         "lr_ref_kimg": real(ge=0), "lr_rampup_kimg": real(ge=0), "grad_clip": real(ge=0),
     },
-    "ema": {"halflife_kimg": real(ge=0), "power_std": sequence(real(gt=0, lt=EMA_STD_MAX))},
+    "ema": {"halflife_kimg": real(ge=0), "?halflife_fraction": real(ge=0, le=1),
+            "power_std": sequence(real(gt=0, lt=EMA_STD_MAX))},
     "train": {
         "log_every_kimg": real(ge=0), "ckpt_every_kimg": real(ge=0),
         "keep_checkpoints": integer(1), "sample_every_kimg": real(ge=0),
@@ -103,7 +108,8 @@ SECTIONS: dict[str, dict[str, Check]] = {
         "seed": integer(0),
     },
     "dmd": {  # objectives dmd, rcm (configlib.DMD_DEFAULTS); cross-field rules in _dmd
-        "weight": real(ge=0), "start_step": integer(0), "P_mean": real(), "P_std": real(gt=0),
+        "weight": real(ge=0), "start_step": integer(0), "start_kimg": real(ge=0),
+        "start_fraction": real(ge=0, le=1), "P_mean": real(), "P_std": real(gt=0),
         "critic_updates": integer(1), "critic_lr": real(ge=0),
         "critic_adaptive_weighting": boolean(), "critic_P_mean": real(),
         "critic_P_std": real(gt=0), "generator_steps": integer(1), "rollout": one_of(ROLLOUTS),
@@ -255,6 +261,68 @@ def _data_and_network(cfg: Mapping[str, Any], check_paths: bool) -> list[str]:
                        "the data's labels (set both to the number of classes)")  # fmt: skip
     if _ok(cfg, "dataset.flip") and cfg["dataset"]["flip"] and len(shape) != 3:
         out.append(f"dataset.flip=True needs images (H, W, C), but dataset.shape={shape}")
+    return out + _normalization(cfg)
+
+
+def _normalization(cfg: Mapping[str, Any]) -> list[str]:
+    """dataset.normalize='per_channel' needs one mean and std per channel (not for latents)."""
+    if not _ok(cfg, "dataset.normalize", "dataset.mean", "dataset.std", "dataset.source"):
+        return []
+    ds = cfg["dataset"]
+    c = ds["shape"][-1] if ds.get("shape") else 0
+    out = []
+    for key in ("mean", "std"):
+        if len(ds[key]) not in (0, c):
+            out.append(f"dataset.{key} has {len(ds[key])} values but the data has {c} channels "
+                       "(the last axis of dataset.shape); give one per channel")  # fmt: skip
+    if ds["normalize"] == "none":
+        return out
+    if ds["source"] == "latents":
+        out.append("dataset.normalize='per_channel' with source 'latents': latents are already "
+                   "normalised by dataset.latent_mean / latent_std; set dataset.normalize="
+                   "'none'")  # fmt: skip
+    elif not ds["mean"] or not ds["std"]:
+        out.append(
+            "dataset.normalize='per_channel' needs dataset.mean and dataset.std (one "
+            "value per channel); measure them with `scm-jax data-stats --config ...`"
+        )
+    return out
+
+
+def _durations(cfg: Mapping[str, Any], check_paths: bool) -> list[str]:
+    """Each duration in one unit only; the tangent warm-up and the DMD start within the run."""
+    if not _ok(cfg, "total_kimg", "batch_size"):
+        return []
+    out: list[str] = []
+    total = configlib.total_steps(cfg)
+    for section, *fields in configlib.STEP_DURATIONS:
+        sec = cfg.get(section)
+        if not isinstance(sec, Mapping) or not all(_ok(cfg, f"{section}.{f}") for f in fields
+                                                   if f in sec):  # fmt: skip
+            continue
+        given = [f for f in fields if sec.get(f)]
+        if len(given) > 1:
+            names = " and ".join(f"{section}.{f}" for f in given)
+            out.append(f"{names} are both set; give the duration in one unit (steps, kimg or "
+                       "fraction of the run) and set the others to 0")  # fmt: skip
+            continue
+        if section == "dmd" and cfg.get("objective") not in configlib.DMD_OBJECTIVES:
+            continue
+        steps = configlib.duration_steps(cfg, section, *fields)
+        if section == "loss" and cfg.get("objective") in ("sct", "scd", "rcm") and steps > total:
+            out.append(
+                f"the tangent warm-up ({steps} steps, {given[0] if given else fields[0]})"
+                f" is longer than the run ({total} steps = total_kimg "
+                f"{cfg['total_kimg']:g} at batch {cfg['batch_size']}); shorten it, e.g. "
+                "--config.loss.tangent_warmup_fraction=0.1 (and the other units 0)"
+            )
+        if section == "dmd" and steps >= total:
+            out.append(f"dmd start ({steps} steps) is not before the end of the run ({total} "
+                       "steps): the DMD term would never act; lower dmd.start_*")  # fmt: skip
+    if _ok(cfg, "ema.halflife_kimg") and cfg["ema"].get("halflife_fraction"):
+        if cfg["ema"]["halflife_kimg"]:
+            out.append("ema.halflife_kimg and ema.halflife_fraction are both set; give the EMA "
+                       "half-life in one unit and set the other to 0")  # fmt: skip
     return out
 
 
@@ -382,7 +450,9 @@ def _paths(cfg: Mapping[str, Any], check_paths: bool) -> list[str]:
     return out
 
 
-RELATIONS: list[Relation] = [_times, _batch, _data_and_network, _teacher, _evals, _paths, _dmd]
+RELATIONS: list[Relation] = [
+    _times, _batch, _data_and_network, _durations, _teacher, _evals, _paths, _dmd,
+]  # fmt: skip
 
 
 def problems(config: Mapping[str, Any], *, check_paths: bool = True) -> list[str]:

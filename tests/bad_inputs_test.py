@@ -118,6 +118,19 @@ CASES: list[Case] = [
          "sCD distils a diffusion model"),
     case("teacher of another architecture", "train --config mnist:smoke,objective=scd "
          "--config.teacher.workdir={toy_teacher} --workdir {tmp}/x", "has another architecture"),
+    case("teacher trained on data at another scale", "train --config mnist:smoke,objective=scd "
+         "--config.dataset.normalize=none --config.teacher.workdir={mnist_teacher} "
+         "--workdir {tmp}/x", "was trained on data at another scale"),
+    case("normalisation without statistics", "config --check --config mnist:smoke "
+         "--config.dataset.mean=() --config.dataset.std=()",
+         "needs dataset.mean and dataset.std"),
+    case("tangent warm-up longer than the run", "config --check --config mnist:smoke,objective=sct"
+         " --config.loss.tangent_warmup_fraction=0 --config.loss.tangent_warmup_kimg=1",
+         "is longer than the run"),
+    case("a duration in two units", "config --check --config mnist:objective=sct "
+         "--config.loss.tangent_warmup_steps=100", "are both set; give the duration in one unit"),
+    case("data-stats: negative --num", "data-stats --config mnist --num -1",
+         "--num must be >= 0"),
     case("init_from not a run", "train --config toy_gmm:smoke --config.init_from={tmp}/none "
          "--workdir {tmp}/x", "init_from '{tmp}/none' is not a training run's folder"),
     # workdirs and checkpoints
@@ -204,9 +217,9 @@ CASES: list[Case] = [
 
 def make_fixtures(root: Path) -> dict[str, Path]:
     """Paths the cases name: a trained toy run (class-conditional, 3 classes, 1 step), copies of
-    it without its config.json and with every checkpoint truncated, a folder whose config.json
-    is a toy diffusion run, a safetensors export with its weights file corrupted, a pickle, and
-    .npz files of NaN and of 3-d points."""
+    it without its config.json and with every checkpoint truncated, folders whose config.json
+    is a toy / an MNIST diffusion run, a safetensors export with its weights file corrupted, a
+    pickle, and .npz files of NaN and of 3-d points."""
     from scm_jax import configlib
     from scm_jax.train.loop import train
     from scm_jax.train.workdir import prepare_workdir
@@ -214,7 +227,8 @@ def make_fixtures(root: Path) -> dict[str, Path]:
     paths = {"tmp": root, "run": root / "run", "nocfg": root / "nocfg",
              "damaged": root / "damaged", "toy_teacher": root / "toy_teacher",
              "nan": root / "nan.npz", "points3": root / "points3.npz", "pickle": root / "a.pkl",
-             "corrupt_export": root / "corrupt_export"}  # fmt: skip
+             "corrupt_export": root / "corrupt_export",
+             "mnist_teacher": root / "mnist_teacher"}  # fmt: skip
     cfg = configlib.load_config("toy_gmm:smoke")
     with cfg.unlocked():
         cfg.dataset.source = "synthetic"
@@ -229,6 +243,8 @@ def make_fixtures(root: Path) -> dict[str, Path]:
             fh.truncate(f.stat().st_size // 2)
     teacher_cfg = configlib.load_config("toy_gmm:smoke,objective=diffusion")
     prepare_workdir(paths["toy_teacher"], teacher_cfg, has_checkpoint=False)
+    mnist_teacher = configlib.load_config("mnist:smoke,objective=diffusion")  # data normalised
+    prepare_workdir(paths["mnist_teacher"], mnist_teacher, has_checkpoint=False)
     from scm_jax import cli
 
     with contextlib.redirect_stdout(io.StringIO()):

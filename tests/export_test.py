@@ -13,6 +13,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from scm_jax import cli, sampling
+from scm_jax.data.scale import data_scale
 from scm_jax.export import stablehlo
 from scm_jax.export.files import load_export, tree_equal
 from scm_jax.sampler import load_sampler
@@ -84,7 +85,9 @@ def test_stablehlo_round_trip_is_bit_exact(run, tmp_path):
         exp = stablehlo.deserialize((out / f"sample_{steps}step.stablehlo").read_bytes())
         assert set(exp.platforms) == {"cpu", "cuda", "tpu"}
         times = sampling.consistency_times(steps, cfg["t_max"], cfg["t_mid"])
-        fn = jax.jit(stablehlo.make_sampler_fn(sampler.nd, times, cfg["sigma_d"]))
+        scale = data_scale(cfg["dataset"], cfg["sigma_d"])  # MNIST: normalised, decoded here
+        assert not scale.identity
+        fn = jax.jit(stablehlo.make_sampler_fn(sampler.nd, times, cfg["sigma_d"], scale))
         for b in (3, 5) if steps == 2 else (3,):
             key = jax.random.key(b)
             noise = stablehlo.consistency_noise(key, (b, 28, 28, 1), steps)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from scm_jax import cli, validate
+from scm_jax import cli, configlib, validate
 
 
 @pytest.fixture
@@ -84,17 +84,27 @@ def test_every_recipe_is_a_valid_training_config(quality, tmp_path, dataset):
     _, recipes = quality
     ds = recipes.DATASETS[dataset]
     for name in ds.order:
-        argv = recipes.train_argv(ds, name, tmp_path, smoke=False)
-        config_args, rest = cli.split_config_args(argv[1:])
-        assert rest == ["--workdir", str(tmp_path / name)]
-        config = cli.config_from_args(config_args)
-        validate.validate(config, check_paths=False)
-        assert config.total_kimg == recipes.run_budget_kimg(ds, name, smoke=False)
-        assert config.batch_size == ds.batch
-        if dataset == "cifar10":  # the shared JPEG archive, not TFDS
-            assert config.dataset.source == "image_folder"
-            assert config.dataset.path.endswith("cifar10_jpeg/train.tar.gz")
-    assert recipes.run_budget_kimg(recipes.MNIST, "scd_long", smoke=False) == 32
+        for kimg in recipes.run_lengths(ds, name, smoke=False):
+            argv = recipes.train_argv(ds, name, tmp_path, smoke=False, kimg=kimg)
+            config_args, rest = cli.split_config_args(argv[1:])
+            assert rest == ["--workdir", str(tmp_path / name)]
+            config = cli.config_from_args(config_args)
+            validate.validate(config, check_paths=False)
+            assert config.total_kimg == kimg
+            assert config.batch_size == ds.batch
+            if dataset == "cifar10":  # the shared JPEG archive, not TFDS
+                assert config.dataset.source == "image_folder"
+                assert config.dataset.path.endswith("cifar10_jpeg/train.tar.gz")
+            if name != "teacher":  # issue 21: the tangent warm-up within 10 % of every length
+                warmup = configlib.resolve_durations(config).loss.tangent_warmup_steps
+                assert 0 < warmup <= 0.1 * configlib.total_steps(config) + 1e-9
+            if dataset == "mnist":  # at TrigFlow's scale (docs/method.md)
+                assert config.dataset.normalize == "per_channel"
+        assert (
+            recipes.run_budget_kimg(ds, name, smoke=False)
+            == recipes.run_lengths(ds, name, smoke=False)[-1]
+        )
+    assert recipes.run_lengths(recipes.MNIST, "scd", smoke=False) == (16, 64, 256)
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from scm_jax import configlib, sampling, trigflow
+from scm_jax.data.scale import DataScale
 from scm_jax.export.files import export_config, load_export, save_export, tree_equal
 from scm_jax.export.stablehlo import consistency_noise
 from scm_jax.export.state_dict import to_state_dict
@@ -256,10 +257,14 @@ def test_onnx_network_and_samplers(tmp_path, case):
 
     model = CASES[case]
     nd, params, _ = make(model)
+    channels = model.get("img_channels", model.get("data_dim", 1))
+    scale = DataScale(tuple(-0.1 * np.arange(channels)), tuple(0.3 + 0.1 * np.arange(channels)),
+                      SIGMA_D)  # fmt: skip
     run = {
         "model": model,
         "objective": "sct",
         "trigflow": {"sigma_d": SIGMA_D, "sigma_max": 80.0, "t_mid": 1.1},
+        "dataset": {"normalize": "per_channel", "mean": scale.mean, "std": scale.std},
     }
     cfg = export_config(run, ema="x", step=1, source="test")
     save_export(tmp_path, jax.tree.map(np.asarray, params), cfg)
@@ -281,8 +286,9 @@ def test_onnx_network_and_samplers(tmp_path, case):
     )[0]
     want = sampling.make_consistency_sampler(nd.apply_fn, (b, *nd.sample_shape), times, SIGMA_D)(
         params, key, y, g
-    )
-    np.testing.assert_allclose(from_t(torch.from_numpy(x0)), np.asarray(want), atol=1e-4)
+    )  # model units; the ONNX sampler returns data units
+    want = scale.decode(np.asarray(want))
+    np.testing.assert_allclose(from_t(torch.from_numpy(x0)), want, atol=1e-4)
 
 
 # --- EDM2 importer ------------------------------------------------------------------------------

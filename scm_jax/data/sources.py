@@ -32,6 +32,7 @@ import numpy as np
 from scm_jax.configlib import DATA_SOURCES, DATASET_DEFAULTS
 from scm_jax.data.arrays import ArrayDataset, Source, class_interleaved_order, load_npz
 from scm_jax.data.images import load_image_folder
+from scm_jax.data.scale import ScaledSource, data_scale
 from scm_jax.data.tfds_source import TfdsSource
 
 _MNIST_5K = ("data", "data", "mnist_5k.csv.gz")
@@ -259,6 +260,7 @@ def load_dataset(
     sigma_d: float,
     seed: int = 0,
     log: Callable[[str], None] | None = None,
+    data_units: bool = False,
 ) -> Source:
     """Build the source a config's ``dataset`` section describes (see the module docstring).
 
@@ -268,9 +270,12 @@ def load_dataset(
       sigma_d: data standard deviation (latent normalisation).
       seed: draws of ``toy_gmm`` and ``synthetic``.
       log: optional progress callback (image decoding).
+      data_units: data units, without ``dataset.normalize`` (what ``scm-jax data-stats`` measures);
+        latents keep their ``latent_mean`` / ``latent_std`` normalisation either way.
     Returns:
       A :class:`Source`: ``take(indices)`` gives float32 ``(n, *dataset.shape)`` in model units
-      and int32 labels ``(n,)`` (None when ``dataset.num_classes`` is 0).
+      (``dataset.normalize`` applied: :mod:`scm_jax.data.scale`) and int32 labels ``(n,)``
+      (None when ``dataset.num_classes`` is 0).
     Raises:
       ValueError: unknown source, or data that does not match ``shape`` / ``num_classes``.
       FileNotFoundError: a missing ``dataset.path`` (or unprepared TFDS data).
@@ -340,4 +345,7 @@ def load_dataset(
             f"dataset.source={source!r} has {data.num_classes} classes but "
             f"dataset.num_classes={num_classes}"
         )
-    return data
+    if data_units or source == "latents":
+        return data
+    scale = data_scale(cfg, sigma_d)
+    return data if scale.identity else ScaledSource(data, scale)

@@ -137,7 +137,7 @@ def dataset_from_spec(
         raise ValueError(f"--num {num} but {desc} holds only {available} images")
     keep = num if available is not None and num else 0  # decode only what is needed
     cfg = {**DATASET_DEFAULTS, **fields, "name": spec, "num_classes": 0, "num_examples": keep}
-    source = load_dataset(cfg, sigma_d=0.5, log=log)
+    source = load_dataset(cfg, sigma_d=0.5, log=log, data_units=True)  # images in [-1, 1]
     num = len(source) if num is None else num
     if num > len(source):
         raise ValueError(f"--num {num} but {desc} holds only {len(source)} images")

@@ -129,6 +129,7 @@ def write_stablehlo(out: Path, params: Any, cfg: dict) -> list[str]:
     """Serialized network and 1-/2-step samplers in ``out``, each checked after a round trip."""
     import jax.numpy as jnp
 
+    from scm_jax.data.scale import data_scale
     from scm_jax.export import stablehlo
     from scm_jax.export.state_dict import to_state_dict
     from scm_jax.networks import build_network
@@ -139,7 +140,13 @@ def write_stablehlo(out: Path, params: Any, cfg: dict) -> list[str]:
     if cfg["objective"] != "diffusion":
         for n in (1, 2):
             exp = stablehlo.export_sampler(
-                nd, state, n, sigma_d=cfg["sigma_d"], t_max=cfg["t_max"], t_mid=cfg["t_mid"]
+                nd,
+                state,
+                n,
+                sigma_d=cfg["sigma_d"],
+                t_max=cfg["t_max"],
+                t_mid=cfg["t_mid"],
+                scale=data_scale(cfg.get("dataset") or {}, cfg["sigma_d"]),
             )
             jobs.append((f"sample_{n}step.stablehlo", exp))
     rng = np.random.default_rng(0)

@@ -5,7 +5,11 @@
     OUT/model.safetensors   EMA network parameters, PyTorch names and layouts (state_dict.py)
     OUT/config.json         {"format": "scm-jax-export", "model": {...}, "trigflow": {...},
                              "objective", "sigma_d", "sigma_max", "t_max", "t_mid", "guidance",
-                             "ema", "step", "source", ...}
+                             "ema", "step", "source", "dataset": {...},
+                             "data_scale": {"mean": [C], "std": [C], "sigma_d"}, ...}
+
+``data_scale`` is the map from model units to data units that every sampler applies to its
+output (``scm_jax.data.scale``; empty lists: none).
 
 The config's ``model``/``trigflow``/``objective`` keys are those of a run's ``config.json``, so
 code that reads a run's config (``load_run_config``, the teacher and ``init_from`` checks) reads an
@@ -55,8 +59,11 @@ def export_config(
     run_cfg: Mapping[str, Any], *, ema: str | None, step: int | None, source: str
 ) -> dict[str, Any]:
     """The export's config.json from a run's config (plain dict) and where the weights came from."""
+    from scm_jax.data.scale import data_scale
+
     tf = dict(run_cfg["trigflow"])
     sigma_d, sigma_max = float(tf["sigma_d"]), float(tf["sigma_max"])
+    dataset = dict(run_cfg.get("dataset") or {})
     return {
         "format": EXPORT_FORMAT,
         "format_version": FORMAT_VERSION,
@@ -78,6 +85,9 @@ def export_config(
         "ema": ema,
         "step": step,
         "source": source,
+        "dataset": dataset,
+        # samples in data units: x_data = x_model * std[c] / sigma_d + mean[c] (empty: as is)
+        "data_scale": data_scale(dataset, sigma_d).to_dict(),
     }
 
 

@@ -80,7 +80,7 @@ def export_onnx(
         def __init__(self, steps: int) -> None:
             super().__init__()
             times = consistency_times(steps, net.t_max, net.t_mid)
-            self.sampler = ConsistencySampler(net, times, net.sigma_d)
+            self.sampler = ConsistencySampler(net, times, net.sigma_d, net.data_scale)
 
         def forward(self, noise, *cond):
             return self.sampler(noise, *_named(names, cond))

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from scm_jax import sampling, trigflow
+from scm_jax.data.scale import DataScale
 from scm_jax.networks import NetworkDef
 
 Array = jax.Array
@@ -73,11 +74,13 @@ def make_network_fn(nd: NetworkDef) -> Callable[..., Array]:
 
 
 def make_sampler_fn(
-    nd: NetworkDef, times: tuple[float, ...], sigma_d: float
+    nd: NetworkDef, times: tuple[float, ...], sigma_d: float, scale: DataScale | None = None
 ) -> Callable[..., Array]:
     """``sample(state, noise[, labels][, guidance]) -> x0``: consistency sampling at ``times``
-    (``sampling.sample_consistency`` with the noise given instead of drawn)."""
+    (``sampling.sample_consistency`` with the noise given instead of drawn), returned in data
+    units by ``scale.decode`` (None: model units)."""
     times = tuple(float(t) for t in times)
+    scale = scale or DataScale(sigma_d=sigma_d)
 
     def sample(state, noise, *cond):
         labels, guidance = _split_cond(nd, cond)
@@ -90,7 +93,7 @@ def make_sampler_fn(
             x = trigflow.consistency_fn(x, tb, F, sigma_d)
             if i + 1 < len(times):
                 x = trigflow.add_noise(x, sigma_d * noise[i + 1], times[i + 1])
-        return x
+        return scale.decode(x)
 
     return sample
 
@@ -138,9 +141,11 @@ def export_sampler(
     sigma_d: float,
     t_max: float,
     t_mid: float,
+    scale: DataScale | None = None,
     platforms: tuple[str, ...] = PLATFORMS,
 ) -> jax.export.Exported:
-    """``jax.export`` of the ``steps``-step consistency sampler with a symbolic batch."""
+    """``jax.export`` of the ``steps``-step consistency sampler with a symbolic batch; samples
+    in data units by ``scale`` (an export's ``data_scale``; None: model units)."""
     times = sampling.consistency_times(steps, t_max, t_mid)
     (b,) = jax.export.symbolic_shape("b")
     args = (
@@ -148,7 +153,7 @@ def export_sampler(
         jax.ShapeDtypeStruct((steps, b, *nd.sample_shape), jnp.float32),
         *_cond_specs(nd, b),
     )
-    fn = make_sampler_fn(nd, times, sigma_d)
+    fn = make_sampler_fn(nd, times, sigma_d, scale)
     return jax.export.export(jax.jit(fn), platforms=platforms)(*args)
 
 

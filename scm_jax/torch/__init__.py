@@ -100,4 +100,5 @@ def load_network(
         float(cfg["t_mid"]),
     )
     net.guidance = cfg.get("guidance")
+    net.data_scale = cfg.get("data_scale")  # absent in exports written before it existed
     return net

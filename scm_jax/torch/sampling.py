@@ -66,19 +66,37 @@ def sample_consistency(
     return x
 
 
+def decode(x: Tensor, scale: dict[str, Any] | None) -> Tensor:
+    """Model units -> data units with an export's ``data_scale`` (``{'mean', 'std', 'sigma_d'}``,
+    per channel, channel axis 1 for images ``(B, C, H, W)``, the last for points ``(B, D)``);
+    None or empty lists: ``x`` unchanged (``scm_jax.data.scale.DataScale.decode``'s twin)."""
+    if not scale or not scale.get("mean"):
+        return x
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    mean = torch.as_tensor(scale["mean"], dtype=x.dtype, device=x.device).reshape(shape)
+    gain = torch.as_tensor(scale["std"], dtype=x.dtype, device=x.device) / scale["sigma_d"]
+    return x * gain.reshape(shape) + mean
+
+
 class ConsistencySampler(nn.Module):
     """A fixed-step consistency sampler as a module (what the ONNX sampler export traces):
-    ``forward(noise, labels=None, guidance=None) -> x0``."""
+    ``forward(noise, labels=None, guidance=None) -> x0`` in data units (``data_scale``: an
+    export's, see :func:`decode`)."""
 
-    def __init__(self, net: nn.Module, times: Sequence[float], sigma_d: float) -> None:
+    def __init__(
+        self, net: nn.Module, times: Sequence[float], sigma_d: float,
+        data_scale: dict[str, Any] | None = None,
+    ) -> None:  # fmt: skip
         super().__init__()
         self.net, self.times, self.sigma_d = net, tuple(float(t) for t in times), float(sigma_d)
+        self.data_scale = data_scale
 
     def forward(
         self, noise: Tensor, labels: Tensor | None = None, guidance: Tensor | None = None
     ) -> Tensor:
         """x0 ``(B, *shape)`` from noise ``(steps, B, *shape)``."""
-        return sample_consistency(self.net, noise, self.times, self.sigma_d, labels, guidance)
+        x = sample_consistency(self.net, noise, self.times, self.sigma_d, labels, guidance)
+        return decode(x, self.data_scale)
 
 
 class SCMNetwork(nn.Module):
@@ -86,7 +104,8 @@ class SCMNetwork(nn.Module):
 
     Attributes (set by ``scm_jax.torch.load_network`` from the export's config): ``sigma_d``,
     ``t_max`` (first sampling time, arctan(sigma_max / sigma_d)), ``t_mid`` (2-step middle time),
-    ``guidance`` (default guidance input of guidance-input models), ``config``.
+    ``guidance`` (default guidance input of guidance-input models), ``data_scale`` (model
+    units -> data units of the samples, :func:`decode`), ``config``.
     """
 
     sigma_d: float = 0.5
@@ -94,6 +113,7 @@ class SCMNetwork(nn.Module):
     t_mid: float = 1.1
     guidance: float | None = None
     guidance_input: bool = False
+    data_scale: dict[str, Any] | None = None
     config: dict[str, Any] | None = None
 
     def _default_guidance(self, guidance: Tensor | float | None) -> Tensor | float | None:
@@ -108,12 +128,14 @@ class SCMNetwork(nn.Module):
         labels: Tensor | None = None,
         guidance: Tensor | float | None = None,
     ) -> Tensor:
-        """x0 ``(B, *shape)`` by ``steps``-step consistency sampling (sCM's t_max, t_mid) from
-        standard-normal ``noise`` ``(steps, B, *shape)``; images are not clipped."""
+        """x0 ``(B, *shape)`` in data units (images in [-1, 1], not clipped) by ``steps``-step
+        consistency sampling (sCM's t_max, t_mid) from standard-normal ``noise``
+        ``(steps, B, *shape)``."""
         times = consistency_times(steps, self.t_max, self.t_mid)
-        return sample_consistency(
+        x = sample_consistency(
             self, noise, times, self.sigma_d, labels, self._default_guidance(guidance)
         )
+        return decode(x, self.data_scale)
 
     def consistency(
         self,

@@ -277,6 +277,9 @@ class SCDStep:
           ValueError: options this reference does not implement (another optimiser, gradient
             clipping, a learning-rate ramp-up, a half-life EMA).
         """
+        from scm_jax.configlib import resolve_durations
+
+        config = resolve_durations(config)  # the warm-up in steps, the EMA half-life in kimg
         o, lo = config.optim, config.loss
         if o.name != "adam" or o.grad_clip > 0 or o.lr_rampup_kimg > 0:
             raise ValueError("the PyTorch sCD step implements Adam without gradient clipping or "

@@ -29,7 +29,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from scm_jax import sharding
-from scm_jax.configlib import DISTILL_OBJECTIVES, DMD_OBJECTIVES
+from scm_jax.configlib import DISTILL_OBJECTIVES, DMD_OBJECTIVES, resolve_durations
 from scm_jax.guidance import ApplyFn
 from scm_jax.losses import proposal_time_edges
 from scm_jax.networks import NetworkDef, build_network
@@ -70,8 +70,10 @@ def with_overrides(
 
 
 def ema_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """``{'power_std', 'halflife_kimg'}`` of ``config.ema`` (``init_state`` / the step)."""
-    return {"power_std": tuple(config.ema.power_std), "halflife_kimg": config.ema.halflife_kimg}
+    """``{'power_std', 'halflife_kimg'}`` of ``config.ema`` (``init_state`` / the step), the
+    half-life resolved from ``ema.halflife_fraction`` where that is set."""
+    ema = resolve_durations(config).ema
+    return {"power_std": tuple(ema.power_std), "halflife_kimg": ema.halflife_kimg}
 
 
 def train_step_from_config(
@@ -95,6 +97,7 @@ def train_step_from_config(
     Raises:
       ValueError: options ``make_train_step`` refuses (one clear message).
     """
+    config = resolve_durations(config)  # warm-up and DMD start in steps
     if config.objective in DMD_OBJECTIVES:  # DMD / rCM: generator + critic (train.step_dmd)
         return dmd_config.dmd_step_from_config(
             config, nd, teacher_apply_fn, mesh=mesh, tx=tx, schedule=schedule

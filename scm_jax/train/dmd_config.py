@@ -16,6 +16,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
+from scm_jax.configlib import resolve_durations
 from scm_jax.guidance import ApplyFn
 from scm_jax.losses import proposal_time_edges
 from scm_jax.networks import NetworkDef
@@ -60,7 +61,8 @@ def dmd_state_fn(
     """``make_state(key, init_net) -> TrainState`` with the critic (for
     ``train.state.create_sharded_state`` / ``abstract_state``)."""
     critic_tx, _ = critic_optimizer(config)
-    ema = {"power_std": tuple(config.ema.power_std), "halflife_kimg": config.ema.halflife_kimg}
+    resolved = resolve_durations(config).ema
+    ema = {"power_std": tuple(resolved.power_std), "halflife_kimg": resolved.halflife_kimg}
 
     def make_state(key: jax.Array, init_net: Any = None) -> TrainState:
         return init_dmd_state(nd, tx, critic_tx, key, **ema, init_net=init_net, per_leaf=per_leaf)
@@ -77,6 +79,7 @@ def dmd_step_from_config(
     arguments as ``scm_jax.train.aot.train_step_from_config``, ``unroll_critic`` as
     ``make_dmd_train_step``'s."""
     validate_dmd_config(config)
+    config = resolve_durations(config)  # dmd.start_step, the tangent warm-up in steps
     if tx is None or schedule is None:
         tx, schedule = make_optimizer(**config.optim, batch_size=config.batch_size)
     critic_tx, _ = critic_optimizer(config)

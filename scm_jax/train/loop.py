@@ -28,6 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from scm_jax import configlib
 from scm_jax.data.prefetch import Prefetcher
+from scm_jax.data.scale import data_scale
 from scm_jax.data.sources import load_dataset
 from scm_jax.losses import proposal_time_edges
 from scm_jax.networks import build_network
@@ -43,8 +44,13 @@ from scm_jax.train.progress import Progress, emit
 from scm_jax.train.state import abstract_state, create_sharded_state, init_state, with_shardings
 from scm_jax.train.step import make_train_step
 from scm_jax.train.stopping import NonfiniteGuard, NonfiniteStepsError, StopSignals
-from scm_jax.train.teacher import Teacher, load_ema_params, load_teacher
-from scm_jax.train.workdir import prepare_workdir, run_identity
+from scm_jax.train.teacher import Teacher, check_same_scale, load_ema_params, load_teacher
+from scm_jax.train.workdir import (
+    check_same_architecture,
+    load_run_config,
+    prepare_workdir,
+    run_identity,
+)
 from scm_jax.train.writers import create_writers
 from scm_jax.validate import validate
 
@@ -59,6 +65,10 @@ def every_steps(kimg: float, batch_size: int) -> int:
 def _initial_net(config, mesh, teacher: Teacher | None, log) -> Any:
     """Network parameters a new run starts from: ``init_from``, else the sCD teacher, else None."""
     if config.init_from:
+        source_cfg = load_run_config(config.init_from)
+        check_same_architecture(config.model, source_cfg["model"], what="init_from run",
+                                where=config.init_from)  # fmt: skip
+        check_same_scale(config, source_cfg, what="init_from run", where=config.init_from)
         net, _, name = load_ema_params(
             config.init_from, config.model, mesh, what="init_from run", rules=config.mesh.rules
         )
@@ -68,6 +78,28 @@ def _initial_net(config, mesh, teacher: Teacher | None, log) -> Any:
         log(f"student initialised from the teacher {teacher.source}")
         return teacher.params
     return None
+
+
+STD_TOLERANCE = 0.25  # warn when the data's std is further than this from sigma_d (relative)
+
+
+def check_data_std(source: Any, sigma_d: float, log: Callable[[str], None]) -> dict[str, float]:
+    """Measure the std and the RMS (about zero) of the first (up to) 2,048 training examples in
+    model units; warn in one line when either is more than 25 % away from sigma_d. TrigFlow's
+    noise, its time proposal and t_mid assume data of mean 0 and std sigma_d (sCM §2.1): the
+    RMS is what the noise is compared with, so a large mean counts too. ``dataset.normalize``
+    puts the data there. Returns ``{'std', 'rms'}``."""
+    x, _ = source.take(np.arange(min(len(source), 2048)))
+    x = np.asarray(x, np.float64)
+    std, rms = float(np.std(x)), float(np.sqrt(np.mean(x * x)))
+    worst = max(abs(std / sigma_d - 1), abs(rms / sigma_d - 1))
+    if worst > STD_TOLERANCE:
+        log(f"warning: the training data has std {std:.3f} and RMS {rms:.3f} in model units "
+            f"(mean {float(np.mean(x)):+.3f}), {worst:.0%} away from sigma_d = {sigma_d:g}; "
+            "TrigFlow's noise levels assume mean 0 and std sigma_d: set --config.dataset."
+            "normalize=per_channel with the statistics of `scm-jax data-stats` "
+            "(docs/method.md)")  # fmt: skip
+    return {"std": std, "rms": rms}
 
 
 def _print(line: str) -> None:
@@ -96,6 +128,7 @@ def train(
       steps in a row (a checkpoint of the last good parameters is written first).
     """
     validate(config)  # before anything is built, compiled or loaded
+    config = configlib.resolve_durations(config)  # warm-up, DMD start in steps; EMA in kimg
     workdir = Path(workdir)
     t_start = time.time()
     sigma_d = float(config.trigflow.sigma_d)
@@ -111,6 +144,8 @@ def train(
             f"the data's examples have shape {tuple(source.shape)} but the network takes "
             f"{nd.sample_shape} (dataset.shape / model.img_resolution / img_channels)"
         )
+    check_data_std(source, sigma_d, log)
+    scale = data_scale(config.dataset, sigma_d)
     distil = config.objective in configlib.DISTILL_OBJECTIVES  # sCD, DMD, rCM
     teacher = load_teacher(config, mesh) if distil else None
     tx, schedule = make_optimizer(**config.optim, batch_size=config.batch_size)
@@ -189,7 +224,7 @@ def train(
     sampler = Sampler(
         nd, None, sigma_d=sigma_d, sigma_max=config.trigflow.sigma_max,
         t_mid=config.trigflow.t_mid, objective=config.objective,
-        guidance=0.5 * (config.teacher.guidance_min + config.teacher.guidance_max),
+        guidance=0.5 * (config.teacher.guidance_min + config.teacher.guidance_max), scale=scale,
     )  # fmt: skip
 
     def previews(st) -> list[str]:
@@ -204,7 +239,7 @@ def train(
     if periodic is not None and teacher is not None and teacher.nd is not None:
         teacher_sampler = Sampler(
             teacher.nd, teacher.params, sigma_d=sigma_d, sigma_max=config.trigflow.sigma_max,
-            objective="diffusion",
+            objective="diffusion", scale=scale,
         )  # fmt: skip
     evals: dict[int, dict[str, float]] = {}
 

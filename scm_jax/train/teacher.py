@@ -16,6 +16,7 @@ from typing import Any
 import jax
 from jax.sharding import Mesh
 
+from scm_jax.data.scale import data_scale
 from scm_jax.ema import ema_names
 from scm_jax.export.files import is_export, load_export
 from scm_jax.guidance import ApplyFn
@@ -88,6 +89,32 @@ def check_export_ema(
         raise ValueError(f"{where} is an export of EMA {name}, not {want}; set "
                          "--config.teacher.ema_std to match (or 0)")  # fmt: skip
     return name
+
+
+def check_same_scale(
+    config: Mapping[str, Any], run_cfg: Mapping[str, Any], *, what: str, where: str | Path
+) -> None:
+    """A teacher or ``init_from`` run must have been trained on data at the same scale
+    (``scm_jax.data.scale``): a network trained on other units computes another field.
+
+    Raises:
+      ValueError: the two data scales differ (the message gives both and the fix).
+    """
+    sigma_d = float(config["trigflow"]["sigma_d"])
+    mine = data_scale(config["dataset"], sigma_d)
+    theirs = data_scale(run_cfg.get("dataset") or {}, float(run_cfg["trigflow"]["sigma_d"]))
+    close = len(mine.mean) == len(theirs.mean) and all(
+        abs(a - b) <= 1e-6 * max(1.0, abs(b))
+        for a, b in zip(mine.mean + mine.std, theirs.mean + theirs.std, strict=True)
+    )
+    if not close or abs(mine.sigma_d - theirs.sigma_d) > 1e-9:
+        raise ValueError(
+            f"the {what} in {where} was trained on data at another scale (its mean "
+            f"{list(theirs.mean) or 'none'}, std {list(theirs.std) or 'none'}, sigma_d "
+            f"{theirs.sigma_d}) than this run (mean {list(mine.mean) or 'none'}, std "
+            f"{list(mine.std) or 'none'}, sigma_d {mine.sigma_d}); use the same "
+            f"dataset.normalize / mean / std (and sigma_d) as the {what}"
+        )
 
 
 def load_ema_params(
@@ -169,6 +196,8 @@ def load_teacher(config: Any, mesh: Mesh) -> Teacher:
             f"the teacher in {t_cfg.workdir} was trained with objective "
             f"{run_cfg.get('objective')!r}; {name} distils a diffusion model (objective=diffusion)"
         )
+    check_same_architecture(config.model, run_cfg["model"], what="teacher", where=t_cfg.workdir)
+    check_same_scale(config, run_cfg, what="teacher", where=t_cfg.workdir)
     params, run_cfg, name = load_ema_params(
         t_cfg.workdir, config.model, mesh, sigma_rel=float(t_cfg.get("ema_std", 0.0) or 0.0),
         what="teacher", rules=config.mesh.rules,

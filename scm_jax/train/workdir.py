@@ -21,7 +21,11 @@ import ml_collections
 CONFIG_FILE = "config.json"
 # Dotted prefixes of the fields that must match to resume.
 IDENTITY_FIELDS = ("objective", "model.", "dataset.shape", "dataset.num_classes", "batch_size",
-                   "seed", "ema.", "optim.name")  # fmt: skip
+                   "seed", "ema.", "optim.name", "dataset.normalize", "dataset.mean",
+                   "dataset.std")  # fmt: skip
+# Identity fields added after runs were made: a checkpoint without them was made with this value
+# (the data's scale: scm_jax.data.scale; before it existed, no normalisation).
+ADDED_FIELDS = {"dataset.normalize": "none", "dataset.mean": [], "dataset.std": []}
 # Model fields that do not change the parameter tree (a teacher or init_from source may differ).
 NON_ARCH_FIELDS = ("dropout", "dropout_max_res", "label_dropout", "guidance_input", "size",
                    "dtype", "param_dtype", "remat")  # fmt: skip
@@ -73,6 +77,7 @@ def identity_diff(
     """``{field: (saved value, this config's value)}`` for identity fields that differ; fields
     only one side has count as differing unless they are :data:`RESUMABLE_FIELDS`."""
     now = run_identity(config)
+    saved = {**{k: v for k, v in ADDED_FIELDS.items() if k in now}, **saved}
     keys = sorted((set(saved) | set(now)) - set(RESUMABLE_FIELDS))
     return {k: (saved.get(k), now.get(k)) for k in keys if saved.get(k) != now.get(k)}
 
