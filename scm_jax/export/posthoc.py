@@ -80,11 +80,13 @@ def load_snapshots(workdir: str | Path) -> tuple[dict[str, Any], list[Snapshot]]
     steps = list_steps(workdir)
     if not steps:
         power = tuple(run_cfg.get("ema", {}).get("power_std", ()))
-        hint = "" if power else " with power-function EMAs (--config.ema.power_std=0.05,0.1)"
+        hint = "" if power else (
+            "; this run has no power-function EMA either: add --config.ema.power_std=0.05,0.1"
+        )  # fmt: skip
         raise ValueError(
             f"{str(workdir)!r} has no EMA snapshots (nothing in {snapshot_dir(workdir)}): "
-            f"post-hoc EMA needs a run trained{hint} with --config.ema.snapshot_every_kimg=K "
-            "(e.g. total_kimg / 50), which writes the power EMAs every K kimg"
+            "post-hoc EMA needs a run trained with --config.ema.snapshot_every_kimg=K (e.g. "
+            f"total_kimg / 50: its power EMAs are written every K kimg){hint}"
         )
     if len(steps) < 2:
         raise ValueError(
