@@ -11,8 +11,8 @@ One safetensors file (no pickle) per snapshot: tensors ``<ema name>/<PyTorch nam
 (``scm_jax.export.state_dict``; bfloat16 stored as float32), and in the header's metadata
 ``scm_jax_snapshot``: JSON ``{"format_version", "step", "nimg", "batch_size", "emas":
 {name: sigma_rel}, "time"}``. EMA weights only, no optimiser state: a snapshot costs
-4 bytes x parameters x profiles (EDM2-S, 280 M parameters, two profiles: 2.2 GB; the MNIST
-config: 10 MB), so a run keeps about total_kimg / snapshot_every_kimg of them.
+4 bytes x parameters x profiles (two profiles: imagenet64 size S, 294 M parameters, 2.35 GB;
+mnist, 0.78 M, 6.2 MB), and a run keeps total_kimg / snapshot_every_kimg of them.
 
 Writes are atomic (``.<name>.tmp`` then a rename over any file of that step) and made by the main
 process only, in a background thread (one at a time) after the EMAs have been copied to the host
