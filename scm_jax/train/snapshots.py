@@ -150,6 +150,10 @@ class SnapshotWriter:
       batch_size: the global batch.
       is_main_process: only the main process touches files (all gather the arrays).
       log: progress lines.
+
+    ``last_step`` is the step of this run's latest snapshot (None before its first): the loop
+    writes one at the end unless it is the last step's (a resumed run that takes no step
+    rewrites its starting step's file with the same weights).
     """
 
     def __init__(
@@ -168,7 +172,8 @@ class SnapshotWriter:
 
     def start(self, step: int) -> None:
         """Before training from ``step``: delete snapshots after it and stale temporary files
-        (main process), and note whether ``step`` itself is already written."""
+        (main process only; what every process does next depends on no file, so all of them
+        take part in the same gathers)."""
         if self.is_main and snapshot_dir(self.workdir).is_dir():
             for tmp in snapshot_dir(self.workdir).glob(".*.safetensors.tmp"):
                 tmp.unlink()
@@ -179,8 +184,6 @@ class SnapshotWriter:
                 self.log(f"  deleted {len(later)} EMA snapshot(s) after step {step} (steps "
                          f"{later[0]}..{later[-1]}, past the checkpoint resumed from); this "
                          "run writes them again")  # fmt: skip
-        if step in snapshot_steps(self.workdir):
-            self.last_step = step
 
     def write(self, step: int, emas: Mapping[str, Any]) -> None:
         """Snapshot the power EMAs of ``emas`` (the train state's ``{name: tree}``) at ``step``:
