@@ -15,6 +15,7 @@
   scm-jax export --workdir runs/mnist --to safetensors|torch|onnx|stablehlo --out exports/mnist
                  [--ema NAME] [--step N]
   scm-jax import-edm2 --from edm2-img512-s.safetensors --out teachers/edm2_s [--sigma-data 0.5]
+  scm-jax phema  --workdir runs/in64 --sigma-rel 0.05,0.1 [--at-step N | --at-kimg K] [--out DIR]
 
 ``--config`` takes ``path.py[:arg]`` (``configs/`` may be omitted: ``imagenet512:size=xxl``);
 ``--config.a.b=value`` overrides a field, with ml-collections' parsing and type checks.
@@ -368,6 +369,13 @@ def cmd_import_edm2(config: ml_collections.ConfigDict, argv: Sequence[str]) -> i
     return _export_errors(import_edm2_main, argv)
 
 
+def cmd_phema(config: ml_collections.ConfigDict, argv: Sequence[str]) -> int:
+    """``scm-jax phema``: EDM2 post-hoc EMA: any sigma_rel from a run's EMA snapshots."""
+    from scm_jax.export.posthoc import phema_main
+
+    return _export_errors(phema_main, argv)
+
+
 COMMANDS: dict[str, Callable[[ml_collections.ConfigDict, Sequence[str]], int]] = {
     "train": cmd_train,
     "sample": cmd_sample,
@@ -379,9 +387,10 @@ COMMANDS: dict[str, Callable[[ml_collections.ConfigDict, Sequence[str]], int]] =
     "eval": cmd_eval,
     "export": cmd_export,
     "import-edm2": cmd_import_edm2,
+    "phema": cmd_phema,
 }
 # Commands that read a run's saved config instead of --config.
-NO_CONFIG = ("sample", "fid-weights", "fid-stats", "eval", "export", "import-edm2")
+NO_CONFIG = ("sample", "fid-weights", "fid-stats", "eval", "export", "import-edm2", "phema")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -59,6 +59,16 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     # (each is skipped: nothing changes but the step counter); 0 = never stop.
     "max_consecutive_nonfinite": 20,
 }
+# The ``ema`` section: EMA profiles (``scm_jax.ema``) and EDM2 post-hoc EMA snapshots
+# (``scm_jax.train.snapshots``, ``scm-jax phema``). A config's ``ema`` dict is merged over these.
+EMA_DEFAULTS: dict[str, Any] = {
+    "power_std": (),  # sigma_rel of each power-function EMA (EDM2: 0.05, 0.10)
+    "halflife_kimg": 0.0,  # half-life EMA; 0 = none
+    # Write every power EMA to <workdir>/ema_snapshots/ every this many kimg and at the end,
+    # for `scm-jax phema` (any sigma_rel after training); 0 = off.
+    "snapshot_every_kimg": 0.0,
+    "halflife_fraction": 0.0,  # the half-life as a fraction of the run instead (one of the two)
+}
 # The ``evals`` section: periodic FID during training (docs/evaluation.md); off by default.
 EVAL_DEFAULTS: dict[str, Any] = {
     "every_kimg": 0.0,  # FID of the EMA every this many kimg and at the end; 0 = off
@@ -296,10 +306,11 @@ def assemble(
     Sections: ``dataset`` (source and shape; :data:`DATASET_DEFAULTS` fills the keys a config
     leaves out), ``objective``, ``model`` (network; ``build_network`` input), ``trigflow``
     (sigma_d, sigma_max, t_mid, proposal P_mean/P_std), ``loss`` (consistency stabilisers),
-    ``teacher`` (sCD), ``optim``, ``ema``, ``batch_size``, ``total_kimg``, ``seed``,
-    ``init_from``, ``train`` (intervals, checkpoints; :data:`TRAIN_DEFAULTS`), ``mesh``
-    (devices and sharding rules; :data:`MESH_DEFAULTS`), ``evals`` (periodic FID;
-    :data:`EVAL_DEFAULTS`) and ``dmd`` (DMD / rCM; :data:`DMD_DEFAULTS`).
+    ``teacher`` (sCD), ``optim``, ``ema`` (:data:`EMA_DEFAULTS`), ``batch_size``,
+    ``total_kimg``, ``seed``, ``init_from``, ``train`` (intervals, checkpoints;
+    :data:`TRAIN_DEFAULTS`), ``mesh`` (devices and sharding rules; :data:`MESH_DEFAULTS`),
+    ``evals`` (periodic FID; :data:`EVAL_DEFAULTS`) and ``dmd`` (DMD / rCM;
+    :data:`DMD_DEFAULTS`).
     ``model.sigma_d`` and ``trigflow.sigma_d`` are one shared field: overriding either changes both.
     """
     check_choice("objective", objective, OBJECTIVES)
@@ -307,6 +318,9 @@ def assemble(
     unknown = sorted(set(train or {}) - set(TRAIN_DEFAULTS))
     if unknown:
         raise ValueError(f"unknown train option(s) {unknown}; known: {sorted(TRAIN_DEFAULTS)}")
+    unknown = sorted(set(ema) - set(EMA_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown ema option(s) {unknown}; known: {sorted(EMA_DEFAULTS)}")
     unknown = sorted(set(evals or {}) - set(EVAL_DEFAULTS))
     if unknown:
         raise ValueError(f"unknown evals option(s) {unknown}; known: {sorted(EVAL_DEFAULTS)}")
@@ -338,7 +352,7 @@ def assemble(
     }
     cfg.teacher = teacher or {"workdir": "", "guidance_min": 1.0, "guidance_max": 1.0}
     cfg.optim = optim
-    cfg.ema = {"halflife_fraction": 0.0, **ema}
+    cfg.ema = {**EMA_DEFAULTS, **ema}
     cfg.batch_size = batch_size
     cfg.total_kimg = total_kimg
     cfg.seed = 0  # parameters, noise, times and data order all derive from it

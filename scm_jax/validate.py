@@ -94,7 +94,7 @@ SECTIONS: dict[str, dict[str, Check]] = {
         "lr_ref_kimg": real(ge=0), "lr_rampup_kimg": real(ge=0), "grad_clip": real(ge=0),
     },
     "ema": {"halflife_kimg": real(ge=0), "?halflife_fraction": real(ge=0, le=1),
-            "power_std": sequence(real(gt=0, lt=EMA_STD_MAX))},
+            "power_std": sequence(real(gt=0, lt=EMA_STD_MAX)), "snapshot_every_kimg": real(ge=0)},
     "train": {
         "log_every_kimg": real(ge=0), "ckpt_every_kimg": real(ge=0),
         "keep_checkpoints": integer(1), "sample_every_kimg": real(ge=0),
@@ -131,6 +131,7 @@ FIELDS: dict[str, Check] = {
 
 # Sections whose keys configlib defines: a key added there is known even before it has a check.
 _DEFAULTS = {"dataset": configlib.DATASET_DEFAULTS, "train": configlib.TRAIN_DEFAULTS,
+             "ema": configlib.EMA_DEFAULTS,
              "evals": configlib.EVAL_DEFAULTS, "mesh": configlib.MESH_DEFAULTS,
              "dmd": configlib.DMD_DEFAULTS}  # fmt: skip
 
@@ -348,6 +349,20 @@ def _teacher(cfg: Mapping[str, Any], check_paths: bool) -> list[str]:
     return out
 
 
+def _snapshots(cfg: Mapping[str, Any], check_paths: bool) -> list[str]:
+    if not _ok(cfg, "ema.snapshot_every_kimg", "ema.power_std"):
+        return []
+    ema = cfg["ema"]
+    if ema["snapshot_every_kimg"] > 0 and not ema["power_std"]:
+        every = ema["snapshot_every_kimg"]
+        return [
+            f"ema.snapshot_every_kimg={every}: post-hoc EMA snapshots are of the power-function "
+            "EMAs, but ema.power_std is empty; set e.g. --config.ema.power_std=0.05,0.1 or "
+            "--config.ema.snapshot_every_kimg=0"
+        ]
+    return []
+
+
 def _evals(cfg: Mapping[str, Any], check_paths: bool) -> list[str]:
     if not _ok(cfg, "evals.every_kimg", "evals.teacher_nfe"):
         return []
@@ -451,7 +466,7 @@ def _paths(cfg: Mapping[str, Any], check_paths: bool) -> list[str]:
 
 
 RELATIONS: list[Relation] = [
-    _times, _batch, _data_and_network, _durations, _teacher, _evals, _paths, _dmd,
+    _times, _batch, _data_and_network, _durations, _teacher, _snapshots, _evals, _paths, _dmd,
 ]  # fmt: skip
 
 

@@ -210,6 +210,16 @@ CASES: list[Case] = [
          "pickles that only EDM2's own code can load"),
     case("import-edm2: file not found", "import-edm2 --from {tmp}/none.safetensors "
          "--out {tmp}/i", "{tmp}/none.safetensors"),
+    # phema (EDM2 post-hoc EMA)
+    case("phema: not a run", "phema --workdir {tmp}/none --sigma-rel 0.05",
+         "is not a training run's folder"),
+    case("phema: no snapshots", "phema --workdir {run} --sigma-rel 0.05",
+         "has no EMA snapshots", subprocess=True),
+    case("phema: one snapshot", "phema --workdir {snap1} --sigma-rel 0.05", "has 1 EMA snapshot"),
+    case("phema: sigma_rel out of range", "phema --workdir {snaps} --sigma-rel 0.05,0.3",
+         "sigma_rel must be in (0, 0.2887)"),
+    case("phema: step after the last snapshot", "phema --workdir {snaps} --sigma-rel 0.05 "
+         "--at-step 3", "must lie between step 1 and the last snapshot's step 2"),
     # info
     case("info: bad --mesh", "info --config mnist --mesh data=x", "expected AXIS=SIZE pairs"),
 ]  # fmt: skip
@@ -219,7 +229,8 @@ def make_fixtures(root: Path) -> dict[str, Path]:
     """Paths the cases name: a trained toy run (class-conditional, 3 classes, 1 step), copies of
     it without its config.json and with every checkpoint truncated, folders whose config.json
     is a toy / an MNIST diffusion run, a safetensors export with its weights file corrupted, a
-    pickle, and .npz files of NaN and of 3-d points."""
+    pickle, .npz files of NaN and of 3-d points, and the run's config with EMA snapshots at
+    steps 1 and 2 (``snaps``) or at step 1 alone (``snap1``)."""
     from scm_jax import configlib
     from scm_jax.train.loop import train
     from scm_jax.train.workdir import prepare_workdir
@@ -227,8 +238,8 @@ def make_fixtures(root: Path) -> dict[str, Path]:
     paths = {"tmp": root, "run": root / "run", "nocfg": root / "nocfg",
              "damaged": root / "damaged", "toy_teacher": root / "toy_teacher",
              "nan": root / "nan.npz", "points3": root / "points3.npz", "pickle": root / "a.pkl",
-             "corrupt_export": root / "corrupt_export",
-             "mnist_teacher": root / "mnist_teacher"}  # fmt: skip
+             "corrupt_export": root / "corrupt_export", "snaps": root / "snaps",
+             "snap1": root / "snap1", "mnist_teacher": root / "mnist_teacher"}  # fmt: skip
     cfg = configlib.load_config("toy_gmm:smoke")
     with cfg.unlocked():
         cfg.dataset.source = "synthetic"
@@ -252,6 +263,15 @@ def make_fixtures(root: Path) -> dict[str, Path]:
         assert cli.main([*argv, "--out", str(paths["corrupt_export"])]) == 0
     (paths["corrupt_export"] / "model.safetensors").write_bytes(b"\x00garbage")
     paths["pickle"].write_bytes(b"\x80\x04")  # what EDM2's .pkl snapshots start with
+    from scm_jax.networks import build_network
+    from scm_jax.train.snapshots import write_snapshot
+
+    net = build_network(cfg.model).init(jax.random.key(0))["net"]
+    for name, steps in (("snaps", (1, 2)), ("snap1", (1,))):
+        paths[name].mkdir()
+        shutil.copy(paths["run"] / "config.json", paths[name])
+        for s in steps:
+            write_snapshot(paths[name], s, 8, {"power_0.100": net}, {"power_0.100": 0.1})
     np.savez(paths["nan"], x=np.full((16, 2), np.nan, np.float32))
     np.savez(paths["points3"], x=np.zeros((16, 3), np.float32))
     return paths

@@ -330,6 +330,31 @@ def test_eval_cli_student_and_teacher(runs, tiny, tmp_path, capsys):
     assert result["results"][0]["fid"] == pytest.approx(rows["teacher_heun2"]["fid"], rel=1e-4)
 
 
+def test_eval_accepts_export_folders(runs, tiny, tmp_path, capsys):
+    """An export folder (``scm-jax export`` / ``phema``) is evaluated like its run, as student
+    and as teacher: the same FID at its recorded step and EMA."""
+    root, ref = runs["root"], runs["ref"]
+    for name in ("sct", "diffusion"):
+        code, _, err = run_cli(capsys, "export", "--workdir", root / name, "--to", "safetensors",
+                               "--out", tmp_path / name)  # fmt: skip
+        assert code == 0, err
+    code, _, err = run_cli(capsys, "eval", "--workdir", tmp_path / "sct", "--ref", ref, "--num",
+                             "20", "--teacher-nfe", "3", "--teacher", tmp_path / "diffusion",
+                             "--batch", "16")  # fmt: skip
+    assert code == 0, err
+    result = json.loads((tmp_path / "sct" / "eval" / "eval_step2.json").read_text())
+    assert (result["step"], result["ema"]) == (2, "halflife")
+    rows = {r["setting"]: r for r in result["results"]}
+    assert list(rows) == ["1step", "2step", "teacher_heun2"]
+    assert rows["1step"]["fid"] == pytest.approx(runs["sct"]["evals"][2]["fid/1step"], rel=1e-4)
+    for args, message in [
+        (["--ema", "power_0.050"], "is an export of EMA 'halflife'"),
+        (["--teacher-nfe", "3"], "names no teacher: pass --teacher DIR"),
+    ]:
+        code, _, err = run_cli(capsys, "eval", "--workdir", tmp_path / "sct", "--ref", ref, *args)
+        assert code == 2 and message in err and len(err.splitlines()) == 1, err
+
+
 def test_eval_bad_input_errors(runs, tiny, tmp_path, capsys):
     root, ref = runs["root"], runs["ref"]
     other = tmp_path / "other.npz"

@@ -214,7 +214,8 @@ def eval_main(argv: Sequence[str]) -> int:
     from scm_jax.sharding import make_mesh
 
     parser = argparse.ArgumentParser(prog="scm-jax eval", description=eval_main.__doc__)
-    parser.add_argument("--workdir", required=True, help="a training run's folder")
+    parser.add_argument("--workdir", required=True,
+                        help="a training run's folder, or an export folder")  # fmt: skip
     parser.add_argument("--ref", required=True, help="reference statistics (scm-jax fid-stats)")
     parser.add_argument("--steps", help="consistency step counts, e.g. 1,2 (default 1,2)")
     parser.add_argument("--num", type=int, default=50_000, help="samples per setting (50000)")

@@ -209,8 +209,10 @@ def evaluate(
     reference file and its feature size, the weights, steps, NFE, num and guidance.
 
     Args:
-      workdir: a training run. Consistency runs: each of ``steps`` (default (1, 2)); diffusion
-        runs: ``steps`` must be empty and ``teacher_nfe`` given (its own EMA with EDM Heun).
+      workdir: a training run, or an export folder (``scm-jax export`` / ``phema`` /
+        ``import-edm2``: its one EMA; ``step`` is the one it records). Consistency runs: each of
+        ``steps`` (default (1, 2)); diffusion runs: ``steps`` must be empty and ``teacher_nfe``
+        given (its own EMA with EDM Heun).
       num: samples per setting (>= 2; 50k is standard).
       ref_path: reference statistics (``scm-jax fid-stats``); their recorded resize and input
         convention are used unless ``resize`` / ``convention`` say otherwise.
@@ -235,12 +237,15 @@ def evaluate(
       FileNotFoundError / ValueError / CheckpointError: missing run, checkpoints, weights or
         reference; another feature size; bad steps, NFE, num or guidance.
     """
+    from scm_jax.export.files import is_export
+    from scm_jax.networks import build_network
     from scm_jax.sampler import load_sampler
     from scm_jax.train.checkpoint import Checkpointer, CheckpointError
-    from scm_jax.train.teacher import ema_name_for
+    from scm_jax.train.teacher import ema_of
     from scm_jax.train.workdir import load_run_config
 
     run_cfg = load_run_config(workdir)
+    export = is_export(workdir)
     objective = run_cfg["objective"]
     steps = tuple(int(s) for s in (steps or ()))
     if objective == "diffusion" and (steps or not teacher_nfe):
@@ -254,14 +259,20 @@ def evaluate(
     if num < 2:
         raise ValueError(f"FID statistics need at least 2 samples, got num={num}")
     heun = heun_steps(teacher_nfe) if teacher_nfe else None
-    check_image_shape(tuple(run_cfg["dataset"]["shape"]), f"the run in {workdir}")
-    ckpt = Checkpointer(workdir, read_only=True)
-    try:
-        step = ckpt.latest_step() if step is None else step
-    finally:
-        ckpt.close()
-    if step is None:
-        raise CheckpointError(f"no complete checkpoint in {workdir}: train the run first")
+    if export:  # one set of weights (scm-jax export / phema / import-edm2); no dataset section
+        check_image_shape(build_network(run_cfg["model"]).sample_shape, f"the export {workdir}")
+        ema_name = ema_of(workdir, run_cfg, ema=ema, step=step)
+        step = int(run_cfg.get("step") or 0)
+    else:
+        check_image_shape(tuple(run_cfg["dataset"]["shape"]), f"the run in {workdir}")
+        ckpt = Checkpointer(workdir, read_only=True)
+        try:
+            step = ckpt.latest_step() if step is None else step
+        finally:
+            ckpt.close()
+        if step is None:
+            raise CheckpointError(f"no complete checkpoint in {workdir}: train the run first")
+        ema_name = ema_of(workdir, run_cfg, ema=ema)
     ref = fid.load_stats(ref_path)
     resize = resize or ref[3].get("resize") or DEFAULT_RESIZE
     convention = convention or ref[3].get("input_convention") or DEFAULT_CONVENTION
@@ -271,8 +282,8 @@ def evaluate(
     mesh = make_mesh(-1, 1) if mesh is None else mesh
     batch_size = batch_size or default_batch_size()
 
-    ema_name = ema_name_for(run_cfg, 0.0, ema)
-    sampler = load_sampler(workdir, ema=ema_name, step=step, batch_size=batch_size, mesh=mesh)
+    sampler = load_sampler(workdir, ema=ema_name, step=None if export else step,
+                           batch_size=batch_size, mesh=mesh)  # fmt: skip
     settings = [make_setting(f"{s}step", sampler, s, f"EMA {ema_name}", guidance) for s in steps]
     if heun is not None and objective == "diffusion":
         settings.append(make_setting(f"heun{heun}", sampler, heun, f"EMA {ema_name}", guidance))
@@ -287,7 +298,7 @@ def evaluate(
         if t_cfg["objective"] != "diffusion":
             raise ValueError(f"the teacher {tdir} is a {t_cfg['objective']} run, not diffusion")
         sigma_rel = 0.0 if teacher_workdir else float(run_cfg["teacher"].get("ema_std", 0) or 0)
-        t_ema = ema_name_for(t_cfg, sigma_rel)
+        t_ema = ema_of(tdir, t_cfg, sigma_rel=sigma_rel)
         teacher = load_sampler(tdir, ema=t_ema, batch_size=batch_size, mesh=mesh)
         g_teacher = guidance
         if g_teacher is None and sampler.nd.guidance_input:

@@ -101,13 +101,16 @@ def from_state_dict(
     return out
 
 
-def save_safetensors(path: str | Path, state: Mapping[str, np.ndarray]) -> None:
-    """Write ``state`` with ``safetensors.numpy`` (no pickle), via a temporary file and a rename."""
+def save_safetensors(
+    path: str | Path, state: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None
+) -> None:
+    """Write ``state`` with ``safetensors.numpy`` (no pickle), via a temporary file and a rename
+    (``metadata``: more header entries besides :data:`METADATA`)."""
     from safetensors.numpy import save_file
 
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(dict(state), str(tmp), metadata=METADATA)
+    save_file(dict(state), str(tmp), metadata={**METADATA, **(metadata or {})})
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # safetensors creates it 0600; give it the usual permissions

@@ -4,7 +4,8 @@ One function runs every objective from a config: it builds the mesh and network,
 and (for sCD) the teacher, creates the train state directly in its FSDP sharding (or restores the
 workdir's latest checkpoint, data position and RNG included), then steps a jitted, state-donating
 update, logging metrics, writing sample grids and checkpoints at the config's intervals (in
-images). The config is validated first (``scm_jax.validate``: every problem at once, before
+images; post-hoc EMA snapshots with ``ema.snapshot_every_kimg``, ``scm_jax.train.snapshots``).
+The config is validated first (``scm_jax.validate``: every problem at once, before
 anything is compiled or loaded). SIGTERM / SIGINT (and JAX's preemption notices on multi-host
 runs) stop it after the current step with a checkpoint, so a preempted job resumes exactly where
 it stopped; a run of ``train.max_consecutive_nonfinite`` skipped (non-finite) steps stops it with
@@ -41,6 +42,7 @@ from scm_jax.train.checkpoint import Checkpointer
 from scm_jax.train.evals import PeriodicEval
 from scm_jax.train.previews import write_previews
 from scm_jax.train.progress import Progress, emit
+from scm_jax.train.snapshots import SnapshotWriter
 from scm_jax.train.state import abstract_state, create_sharded_state, init_state, with_shardings
 from scm_jax.train.step import make_train_step
 from scm_jax.train.stopping import NonfiniteGuard, NonfiniteStepsError, StopSignals
@@ -220,6 +222,12 @@ def train(
     ckpt_every = every_steps(config.train.ckpt_every_kimg, config.batch_size)
     sample_every = every_steps(config.train.sample_every_kimg, config.batch_size)
     eval_every = every_steps(config.evals.every_kimg, config.batch_size)
+    snap_every = every_steps(config.ema.snapshot_every_kimg, config.batch_size)
+    snapshots = None
+    if snap_every:  # post-hoc EMA snapshots (scm_jax.train.snapshots, `scm-jax phema`)
+        snapshots = SnapshotWriter(workdir, config.ema.power_std, config.batch_size,
+                                   is_main_process=is_main, log=log)  # fmt: skip
+        snapshots.start(start)
     ema_names = list(state.emas)
     sampler = Sampler(
         nd, None, sigma_d=sigma_d, sigma_max=config.trigflow.sigma_max,
@@ -303,6 +311,8 @@ def train(
                 acc, logged_at = empty, s
             if guard.should_stop:
                 break
+            if snapshots is not None and s % snap_every == 0:
+                snapshots.write(s, state.emas)
             if sample_every and s % sample_every == 0 and s < total_steps:
                 samples += previews(state)
             if eval_every and s % eval_every == 0 and s < total_steps:
@@ -317,6 +327,10 @@ def train(
     diverged = guard.should_stop
     if final != saved_at:  # first: nothing after the last step may lose it
         save(state)
+    if snapshots is not None:
+        if final != snapshots.last_step:
+            snapshots.write(final, state.emas)
+        snapshots.wait()
     if final != logged_at:
         last = progress_log(progress, writers, final, acc, guard.total)
     if (stop.signum is None and not diverged) or final == total_steps:

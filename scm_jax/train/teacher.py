@@ -73,8 +73,9 @@ def check_export_ema(
     """The EMA name of an export folder's weights, checked against what a caller asks for.
 
     An export holds one set of weights: ``ema`` or ``step`` must name them, and ``sigma_rel``
-    must match when the export is of a power EMA (an export of another kind, such as an EDM2
-    import, is taken whatever ``sigma_rel`` says).
+    must match when the export is of a power EMA (``power_0.050``) or a post-hoc one
+    (``phema_0.050``, ``scm-jax phema``); an export of another kind, such as an EDM2 import, is
+    taken whatever ``sigma_rel`` says.
 
     Raises:
       ValueError: the export holds other weights (the message says which).
@@ -84,8 +85,9 @@ def check_export_ema(
         raise ValueError(f"{where} is an export of EMA {name!r}; no {ema!r}")
     if step is not None and step != cfg.get("step"):
         raise ValueError(f"{where} is an export of step {cfg.get('step')}; no step {step}")
-    want = f"power_{sigma_rel:.3f}"
-    if sigma_rel and name.startswith("power_") and name != want:
+    kind = name.split("_", 1)[0]
+    want = f"{kind}_{sigma_rel:.3f}"
+    if sigma_rel and kind in ("power", "phema") and name != want:
         raise ValueError(f"{where} is an export of EMA {name}, not {want}; set "
                          "--config.teacher.ema_std to match (or 0)")  # fmt: skip
     return name
@@ -115,6 +117,17 @@ def check_same_scale(
             f"{list(mine.std) or 'none'}, sigma_d {mine.sigma_d}); use the same "
             f"dataset.normalize / mean / std (and sigma_d) as the {what}"
         )
+
+
+def ema_of(
+    path: str | Path, cfg: Mapping[str, Any], *, sigma_rel: float = 0.0, ema: str | None = None,
+    step: int | None = None,
+) -> str:  # fmt: skip
+    """The EMA a run (:func:`ema_name_for`) or an export folder (:func:`check_export_ema`)
+    serves for ``sigma_rel`` / ``ema``; ``cfg``: its config.json."""
+    if is_export(path):
+        return check_export_ema(cfg, path, sigma_rel=sigma_rel, ema=ema, step=step)
+    return ema_name_for(cfg, sigma_rel, ema)
 
 
 def load_ema_params(

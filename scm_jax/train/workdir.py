@@ -30,8 +30,8 @@ ADDED_FIELDS = {"dataset.normalize": "none", "dataset.mean": [], "dataset.std": 
 NON_ARCH_FIELDS = ("dropout", "dropout_max_res", "label_dropout", "guidance_input", "size",
                    "dtype", "param_dtype", "remat")  # fmt: skip
 # Identity fields that a resume may still change (or an older config.json may lack): memory levers
-# that leave the parameters and the result unchanged.
-RESUMABLE_FIELDS = ("model.remat",)
+# that leave the parameters and the result unchanged, and the post-hoc EMA snapshot interval.
+RESUMABLE_FIELDS = ("model.remat", "ema.snapshot_every_kimg")
 
 
 def config_to_dict(config: Mapping[str, Any] | ml_collections.ConfigDict) -> dict[str, Any]:
