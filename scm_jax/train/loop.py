@@ -37,7 +37,7 @@ from scm_jax.sharding import activation_rules, batch_sharding, check_batch, mesh
 from scm_jax.train import metrics as metrics_lib
 from scm_jax.train.aot import state_fn, train_step_from_config
 from scm_jax.train.checkpoint import Checkpointer
-from scm_jax.train.evals import PeriodicEval
+from scm_jax.train.evals import PeriodicConsistency, PeriodicEval
 from scm_jax.train.previews import write_previews
 from scm_jax.train.progress import Progress, emit
 from scm_jax.train.state import abstract_state, create_sharded_state, init_state, with_shardings
@@ -87,7 +87,8 @@ def train(
       log: where progress lines go.
     Returns:
       ``{'step', 'nimg', 'seconds', 'interrupted' (signal number or None), 'samples' (paths),
-      'metrics' (the last logged scalars), 'evals' ({step: periodic FID scalars})}``.
+      'metrics' (the last logged scalars), 'evals' ({step: periodic FID scalars}),
+      'consistency' ({step: consistency-error scalars})}``.
     Raises:
       ValueError (``scm_jax.validate.ConfigError``: every problem of the config, one line each)
       / FileNotFoundError / CheckpointError with a clear message for a bad config, missing data
@@ -113,6 +114,8 @@ def train(
         )
     distil = config.objective in configlib.DISTILL_OBJECTIVES  # sCD, DMD, rCM
     teacher = load_teacher(config, mesh) if distil else None
+    consistency = PeriodicConsistency.create(config, mesh, source, teacher, workdir, log,
+                                             is_main_process=is_main)  # fmt: skip
     tx, schedule = make_optimizer(**config.optim, batch_size=config.batch_size)
 
     ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints)
@@ -185,6 +188,7 @@ def train(
     ckpt_every = every_steps(config.train.ckpt_every_kimg, config.batch_size)
     sample_every = every_steps(config.train.sample_every_kimg, config.batch_size)
     eval_every = every_steps(config.evals.every_kimg, config.batch_size)
+    cons_every = every_steps(config.evals.consistency_every_kimg, config.batch_size)
     ema_names = list(state.emas)
     sampler = Sampler(
         nd, None, sigma_d=sigma_d, sigma_max=config.trigflow.sigma_max,
@@ -213,6 +217,13 @@ def train(
         evals[int(st.step)] = periodic(sampler.with_params(params), int(st.step), writers,
                                        teacher_sampler, is_main_process=is_main)  # fmt: skip
         progress.restart_timer(int(st.step))  # the evaluation is not training time
+
+    measured: dict[int, dict[str, float]] = {}
+
+    def measure(st) -> None:  # the consistency error (evals.consistency_every_kimg)
+        params = st.emas[ema_names[0]] if ema_names else st.params["net"]
+        measured[int(st.step)] = consistency(nd, params, int(st.step), writers, is_main)
+        progress.restart_timer(int(st.step))  # not training time either
 
     identity = run_identity(config)
     guard = NonfiniteGuard(config.train.max_consecutive_nonfinite, **counts, log=log)
@@ -272,6 +283,8 @@ def train(
                 samples += previews(state)
             if eval_every and s % eval_every == 0 and s < total_steps:
                 evaluate(state)
+            if cons_every and s % cons_every == 0 and s < total_steps:
+                measure(state)
             if ckpt_every and s % ckpt_every == 0 and s < total_steps:
                 save(state)  # syncs the guard
                 saved_at = s
@@ -288,6 +301,8 @@ def train(
         samples += previews(state)
         if periodic is not None and final not in evals:
             evaluate(state)
+        if consistency is not None and final not in measured:
+            measure(state)
     ckpt.close()
     writers.close()
     if diverged:
@@ -301,7 +316,7 @@ def train(
             f"{ckpt.directory}")  # fmt: skip
     return {"step": final, "nimg": final * config.batch_size, "seconds": time.time() - t_start,
             "interrupted": interrupted, "samples": samples, "metrics": last, "evals": evals,
-            "nonfinite_steps_total": guard.total}  # fmt: skip
+            "consistency": measured, "nonfinite_steps_total": guard.total}  # fmt: skip
 
 
 def _accumulate(acc: metrics_lib.TrainMetrics, values: dict[str, Any]) -> Any:
