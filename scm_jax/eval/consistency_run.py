@@ -59,6 +59,31 @@ def _checkpoint_step(folder: str | Path) -> int | None:
         ckpt.close()
 
 
+def teacher_identity(folder: str | Path, sigma_rel: float = 0.0) -> str:
+    """What a run's (or export's) teacher weights are: folder, EMA and checkpoint step."""
+    from scm_jax.export.files import is_export, read_export_config
+    from scm_jax.train.teacher import ema_name_for
+    from scm_jax.train.workdir import load_run_config
+
+    if is_export(folder):
+        ema = str(read_export_config(folder).get("ema"))
+    else:
+        ema = ema_name_for(load_run_config(folder), sigma_rel)
+    return f"{Path(folder).resolve()} EMA {ema} step {_checkpoint_step(folder)}"
+
+
+def default_cfg_scale(run_cfg: Mapping[str, Any], guidance: float | None) -> float | None:
+    """The scale the student stands for: its guidance input, else a distillation run's fixed
+    teacher scale (``teacher.guidance_min = guidance_max``), else None."""
+    from scm_jax.configlib import DISTILL_OBJECTIVES
+
+    if guidance is not None or run_cfg["objective"] not in DISTILL_OBJECTIVES:
+        return guidance
+    t_cfg = run_cfg.get("teacher", {}) or {}
+    g_min, g_max = float(t_cfg.get("guidance_min", 1.0)), float(t_cfg.get("guidance_max", 1.0))
+    return g_min if g_min == g_max else None
+
+
 def exact_teacher(run_cfg: Mapping[str, Any], where: str) -> TeacherModel:
     """The exact field of the toy mixture in ``run_cfg['dataset']`` (``scm_jax.toy.gmm``).
 
@@ -100,12 +125,11 @@ def run_teacher(
     if float(cfg["trigflow"]["sigma_d"]) != sigma_d:
         raise ValueError(f"the {what} {folder} has sigma_d={cfg['trigflow']['sigma_d']}, the "
                          f"student {sigma_d}: they must agree")  # fmt: skip
-    step = _checkpoint_step(folder)
-    params, cfg, ema = load_ema_params(folder, None, mesh, sigma_rel=sigma_rel, what=what,
-                                       step=step)  # fmt: skip
+    identity = teacher_identity(folder, sigma_rel)
+    params, cfg, _ = load_ema_params(folder, None, mesh, sigma_rel=sigma_rel, what=what,
+                                     step=_checkpoint_step(folder))  # fmt: skip
     nd = build_network({**cfg["model"], "dropout": 0.0})
-    return TeacherModel(nd.apply_fn, params, f"{Path(folder).resolve()} EMA {ema} step {step}",
-                        nd.num_classes)  # fmt: skip
+    return TeacherModel(nd.apply_fn, params, identity, nd.num_classes)
 
 
 def resolve_teacher(
@@ -137,12 +161,11 @@ def resolve_teacher(
         if t_cfg.get("kind") == "exact_gmm":
             return exact_teacher(run_cfg, str(workdir))
         if t_cfg.get("workdir"):
-            if loaded is not None:
-                step = _checkpoint_step(t_cfg["workdir"])
-                n = 0 if loaded.nd is None else loaded.nd.num_classes
-                identity = f"{Path(t_cfg['workdir']).resolve()} {loaded.source} step {step}"
-                return TeacherModel(loaded.apply_fn, loaded.params, identity, n)
             sigma_rel = float(t_cfg.get("ema_std", 0.0) or 0.0)
+            if loaded is not None:  # the same weights load_teacher loaded
+                n = 0 if loaded.nd is None else loaded.nd.num_classes
+                identity = teacher_identity(t_cfg["workdir"], sigma_rel)
+                return TeacherModel(loaded.apply_fn, loaded.params, identity, n)
             return run_teacher(t_cfg["workdir"], mesh, sigma_rel=sigma_rel, sigma_d=sigma_d)
     init_from = run_cfg.get("init_from") or ""
     if init_from and load_run_config(init_from).get("objective") == "diffusion":
@@ -337,10 +360,12 @@ def evaluate_run(
     mesh = make_mesh(-1, 1) if mesh is None else mesh
     ema_name = ema_name_for(run_cfg, 0.0, ema)
     sampler = load_sampler(workdir, ema=ema_name, step=step, mesh=mesh)
-    _, g = sampler.batch_inputs(None, 1, guidance)  # a guidance the model cannot take fails here
-    g_value = None if g is None else float(np.asarray(g)[0])
+    if guidance is not None and not sampler.nd.guidance_input:
+        raise ValueError("this model has no guidance input; do not pass guidance")
+    g_value = (sampler.guidance if guidance is None else float(guidance)) if (
+        sampler.nd.guidance_input) else None  # fmt: skip
     t_model = resolve_teacher(run_cfg, workdir, teacher, mesh)
-    cfg_scale = teacher_cfg_scale(g_value if g_value is not None else guidance, t_model)
+    cfg_scale = teacher_cfg_scale(default_cfg_scale(run_cfg, g_value), t_model)
     sigma_d = sampler.sigma_d
     t0 = time.perf_counter()
     source = load_dataset(run_cfg["dataset"], sigma_d=sigma_d, seed=run_cfg.get("seed", 0))

@@ -172,7 +172,8 @@ class PeriodicConsistency:
         self.probe = consistency_run.Probe(
             t_model, pairs, times, t_mid=config.trigflow.t_mid, sigma_d=sigma_d,
             heun_steps=ev.consistency_heun_steps,
-            cfg_scale=consistency_run.teacher_cfg_scale(self.guidance, t_model),
+            cfg_scale=consistency_run.teacher_cfg_scale(
+                consistency_run.default_cfg_scale(run_cfg, self.guidance), t_model),
             batch=ev.batch_size or 256, mesh=mesh,
             cache=self.workdir / consistency_run.REF_FILE, write=is_main_process, log=log,
         )  # fmt: skip
