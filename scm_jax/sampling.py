@@ -12,6 +12,10 @@ network function, shapes, time schedules, step counts) must be static under ``ja
     sample, nfe = make_ode_sampler(teacher.apply_fn, (B, D), 18, 0.5)  # EDM Heun: nfe = 35
     x0 = sample(params, key, labels, guidance_scale)
 
+    # the PF-ODE endpoint from any (x_t, t), t an array (one compile for every start time):
+    x0 = jax.jit(solve_ode_from, static_argnames=ODE_FROM_STATIC)(teacher.apply_fn, params,
+                                                                  x_t, t, 64, 0.5)
+
 or, equivalently, ``jax.jit(sample_consistency, static_argnames=CONSISTENCY_STATIC)``.
 """
 

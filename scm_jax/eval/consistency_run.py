@@ -207,7 +207,8 @@ def cache_key(
 
 
 def load_reference(path: Path, key: Mapping[str, Any]) -> tuple[dict | None, str]:
-    """``(reference, '')`` from a matching cache file, else ``(None, why not)``."""
+    """``(reference, '')`` from a matching cache file, else ``(None, why not)``; the reference is
+    ``{'phi': (K, N, ...), 'ideal_2step': (N, ...)}`` float32 (``consistency.reference``)."""
     if not path.is_file():
         return None, ""
     try:
