@@ -272,7 +272,7 @@ def test_eval_consistency_bad_inputs_and_own_student(scd_run, capsys):
 
 def test_images_with_labels_guidance_and_cfg_sharded():
     """A class-conditional U-Net student with a guidance input against a CFG U-Net teacher:
-    image batches, labels and guidance flow through (8 devices, the last batch padded)."""
+    image batches, labels and guidance flow through (8 devices, the batch padded)."""
     nd = tiny_unet(channel_mult=(1,), attn_resolutions=())
     params = nd.init(jax.random.key(0))["net"]
     teacher = tiny_unet(channel_mult=(1,), attn_resolutions=(), guidance_input=False)
@@ -281,7 +281,7 @@ def test_images_with_labels_guidance_and_cfg_sharded():
     p = cons.make_pairs(x0, np.arange(12) % 5, 0, SIGMA_D)
     times = cons.check_times([0.5], T_MAX, T_MID)
     kw = dict(t_mid=T_MID, sigma_d=SIGMA_D, heun_steps=2, cfg_scale=1.5)
-    sharded = dict(batch=8, sharding=batch_sharding(make_mesh(-1, 1)))
+    sharded = dict(sharding=batch_sharding(make_mesh(-1, 1)))  # 12 pairs: 16 rows, 4 padded
     ref = cons.reference(teacher.apply_fn, t_params, p, times, **kw, **sharded)
     assert ref["phi"].shape == (3, 12, 8, 8, 3) and ref["ideal_2step"].shape == (12, 8, 8, 3)
     r = cons.evaluate(nd.apply_fn, params, teacher.apply_fn, t_params, p, ref, times,

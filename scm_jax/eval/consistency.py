@@ -230,6 +230,16 @@ def _pad(a: np.ndarray | None, start: int, stop: int, batch: int, axis: int = 0)
     return np.concatenate([part, fill], axis=axis)
 
 
+def _batch_size(batch: int, n: int, sharding: NamedSharding | None) -> int:
+    """Rows per call: ``batch`` (at most n), rounded up to a multiple of the batch shards."""
+    ways = 1
+    if sharding is not None:
+        for axes in sharding.spec[:1]:
+            for a in (axes,) if isinstance(axes, str) else axes or ():
+                ways *= sharding.mesh.shape[a]
+    return math.ceil(min(batch, n) / ways) * ways
+
+
 def _replicated(sharding: NamedSharding | None) -> NamedSharding | None:
     return None if sharding is None else NamedSharding(sharding.mesh, PartitionSpec())
 
@@ -254,13 +264,14 @@ def reference(
       pairs: :class:`Pairs`; times: the grid (:func:`check_times`: increasing, t_max last).
       t_mid, sigma_d, heun_steps: the 2-step time, data std, Heun steps (2 heun_steps - 1 NFE).
       cfg_scale: the teacher's classifier-free guidance scale (needs labels), or None.
-      batch: examples per call (a multiple of the sharding's device count when sharded).
+      batch: examples per call (rounded up to a multiple of the sharding's batch shards; the
+        last call is padded and the padding masked).
       sharding: the batch sharding (``scm_jax.sharding.batch_sharding``), or None.
     Returns:
       float32 numpy arrays on the host.
     """
     fn = make_reference_fn(teacher_fn, times, t_mid, heun_steps, sigma_d, _replicated(sharding))
-    n, batch = len(pairs), min(batch, len(pairs))
+    n, batch = len(pairs), _batch_size(batch, len(pairs), sharding)
     phis, ideals = [], []
     g = None if cfg_scale is None else jnp.float32(cfg_scale)
     for start, stop in _batches(n, batch):
@@ -298,7 +309,7 @@ def evaluate(
         fns[key] = make_student_fn(student_fn, teacher_fn, times, t_mid, heun_steps, sigma_d,
                                    _replicated(sharding))  # fmt: skip
     fn = fns[key]
-    n, batch = len(pairs), min(batch, len(pairs))
+    n, batch = len(pairs), _batch_size(batch, len(pairs), sharding)
     g_cfg = None if cfg_scale is None else jnp.float32(cfg_scale)
     sq, sq2, sq2t = np.zeros(len(times)), 0.0, 0.0
     for start, stop in _batches(n, batch):

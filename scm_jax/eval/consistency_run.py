@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -237,7 +236,7 @@ class Probe:
     Args:
       teacher: :class:`TeacherModel`; pairs: :class:`consistency.Pairs`; times: the grid.
       t_mid, sigma_d, heun_steps, cfg_scale: as ``consistency.reference``.
-      batch: examples per call, rounded up to a multiple of the mesh's devices.
+      batch: examples per call (rounded up to a multiple of the mesh's batch devices).
       mesh: the pairs are batch-sharded over it (None: one device).
       cache: the reference file (None: not cached); write: whether this process writes it.
       log: console lines (a recomputed cache says why).
@@ -257,8 +256,7 @@ class Probe:
         self.t_mid, self.sigma_d, self.heun_steps = float(t_mid), float(sigma_d), int(heun_steps)
         self.cfg_scale = None if cfg_scale is None else float(cfg_scale)
         self.sharding = None if mesh is None else batch_sharding(mesh)
-        ways = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
-        self.batch = math.ceil(min(batch, len(pairs)) / ways) * ways
+        self.batch = int(batch)  # rounded up to the batch shards by consistency.reference
         self.cache, self.write, self.log = cache, write, log
         self.key = cache_key(teacher, pairs, times, t_mid=self.t_mid, sigma_d=self.sigma_d,
                              heun_steps=self.heun_steps, cfg_scale=self.cfg_scale)  # fmt: skip
