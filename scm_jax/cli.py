@@ -12,6 +12,7 @@
                     [--ref other.npz] [--inception weights/inception_fid.npz]
   scm-jax eval   --workdir runs/c10_scd --ref c10_train.npz --steps 1,2 --num 50000
                  [--teacher-nfe 35] [--guidance 1.5] [--json-out eval.json]
+  scm-jax eval   --workdir runs/c10_scd --consistency [--num 256] [--teacher DIR]
   scm-jax export --workdir runs/mnist --to safetensors|torch|onnx|stablehlo --out exports/mnist
                  [--ema NAME] [--step N]
   scm-jax import-edm2 --from edm2-img512-s.safetensors --out teachers/edm2_s [--sigma-data 0.5]

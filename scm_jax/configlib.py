@@ -69,7 +69,8 @@ EMA_DEFAULTS: dict[str, Any] = {
     "snapshot_every_kimg": 0.0,
     "halflife_fraction": 0.0,  # the half-life as a fraction of the run instead (one of the two)
 }
-# The ``evals`` section: periodic FID during training (docs/evaluation.md); off by default.
+# The ``evals`` section: periodic FID and consistency error during training (docs/evaluation.md);
+# both off by default.
 EVAL_DEFAULTS: dict[str, Any] = {
     "every_kimg": 0.0,  # FID of the EMA every this many kimg and at the end; 0 = off
     "steps": (1, 2),  # consistency step counts (diffusion runs: Heun at teacher_nfe)
@@ -78,7 +79,16 @@ EVAL_DEFAULTS: dict[str, Any] = {
     "inception": "",  # converted weights; '' = $SCM_JAX_INCEPTION, ~/.cache/scm_jax/...
     "batch_size": 0,  # samples per call over all devices; 0 = 256 (64 on CPU)
     "teacher_nfe": 0,  # diffusion runs: Heun NFE (0 = 2 train.teacher_sample_steps - 1)
-    "seed": 0,  # sampling noise (the same at every evaluation)
+    "seed": 0,  # sampling noise (the same at every evaluation); the consistency pairs' z, z'
+    # Consistency error (scm_jax.eval.consistency) of the EMA every this many kimg and at the end;
+    # 0 = off. Consistency models only (sct, scd, dmd, rcm).
+    "consistency_every_kimg": 0.0,
+    "consistency_num": 256,  # (x0, z) pairs: the first examples of the data
+    "consistency_times": (),  # grid times t; () = 8 evenly spaced in log sigma; + t_mid, t_max
+    "consistency_heun_steps": 64,  # Heun steps of the teacher's PF-ODE solves (2 x steps - 1 NFE)
+    # '' = the run's teacher (scd, dmd, rcm) or its init_from diffusion run; or a diffusion run's
+    # folder; 'exact_gmm' = the toy's exact mixture
+    "consistency_teacher": "",
 }
 # Logical axis -> mesh axes (``scm_jax.sharding``): the first rule for a name whose mesh axes are
 # free, > 1 and divide the dimension wins; unmatched dimensions are replicated, then the FSDP

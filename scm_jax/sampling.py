@@ -12,6 +12,10 @@ network function, shapes, time schedules, step counts) must be static under ``ja
     sample, nfe = make_ode_sampler(teacher.apply_fn, (B, D), 18, 0.5)  # EDM Heun: nfe = 35
     x0 = sample(params, key, labels, guidance_scale)
 
+    # the PF-ODE endpoint from any (x_t, t), t an array (one compile for every start time):
+    x0 = jax.jit(solve_ode_from, static_argnames=ODE_FROM_STATIC)(teacher.apply_fn, params,
+                                                                  x_t, t, 64, 0.5)
+
 or, equivalently, ``jax.jit(sample_consistency, static_argnames=CONSISTENCY_STATIC)``.
 """
 
@@ -33,20 +37,24 @@ Array = jax.Array
 
 __all__ = [
     "CONSISTENCY_STATIC",
+    "ODE_FROM_STATIC",
     "ODE_STATIC",
     "consistency_times",
     "edm_times",
+    "edm_times_from",
     "make_consistency_sampler",
     "make_ode_sampler",
     "ode_nfe",
     "sample_consistency",
     "sample_ode",
+    "solve_ode_from",
 ]
 
 # Arguments that must be static when jitting the samplers directly.
 CONSISTENCY_STATIC = ("apply_fn", "shape", "times", "sigma_d", "dtype", "unroll")
 ODE_STATIC = ("apply_fn", "shape", "num_steps", "sigma_d", "solver", "sigma_min", "sigma_max",
               "rho", "dtype")  # fmt: skip
+ODE_FROM_STATIC = ("apply_fn", "num_steps", "sigma_d", "solver", "sigma_min", "rho")
 _SOLVERS = ("euler", "heun")
 
 
@@ -225,15 +233,21 @@ def ode_nfe(num_steps: int, solver: str = "heun") -> int:
     return num_steps if solver == "euler" else 2 * num_steps - 1
 
 
+def _stage_index(n: int, solver: str) -> tuple[np.ndarray, ...]:
+    """Per-evaluation indices into an (N + 1)-time grid (eval, start, end) and is_predictor."""
+    rows = []
+    for i in range(n):
+        rows.append((i, i, i + 1, 1.0))
+        if solver == "heun" and i < n - 1:
+            rows.append((i + 1, i, i + 1, 0.0))
+    cols = tuple(np.array(col) for col in zip(*rows, strict=True))
+    return cols[0].astype(int), cols[1].astype(int), cols[2].astype(int), cols[3]
+
+
 def _stage_tables(t: np.ndarray, solver: str) -> tuple[np.ndarray, ...]:
     """Per-evaluation (t_eval, t_start, t_end, is_predictor) for the unified solver loop."""
-    rows = []
-    n = len(t) - 1
-    for i in range(n):
-        rows.append((t[i], t[i], t[i + 1], 1.0))
-        if solver == "heun" and i < n - 1:
-            rows.append((t[i + 1], t[i], t[i + 1], 0.0))
-    return tuple(np.array(col) for col in zip(*rows, strict=True))
+    i_eval, i_start, i_end, is_pred = _stage_index(len(t) - 1, solver)
+    return t[i_eval], t[i_start], t[i_end], is_pred
 
 
 def sample_ode(
@@ -296,6 +310,17 @@ def sample_ode(
         x = key_or_x
     else:
         x = trigflow.sample_noise(key_or_x, tuple(shape), sigma_d, dtype)
+    rows = tuple(jnp.asarray(col, x.dtype) for col in _stage_tables(t_grid, solver))
+    return _integrate(apply_fn, params, x, rows, sigma_d, labels, guidance_scale), nfe
+
+
+def _integrate(
+    apply_fn: ApplyFn, params: Any, x: Array, rows: tuple[Array, ...], sigma_d: float,
+    labels: Array | None, guidance_scale: Array | float | None,
+) -> Array:  # fmt: skip
+    """The solver loop shared by :func:`sample_ode` and :func:`solve_ode_from`: one ``lax.scan``
+    over the stage table ``rows`` = (t_eval, t_start, t_end, is_predictor), each ``(nfe,)``
+    (one schedule for the batch) or ``(nfe, B)`` (a schedule per sample)."""
     dtype, b = x.dtype, x.shape[0]
 
     def F_fn(x_t, t):
@@ -311,13 +336,89 @@ def sample_ode(
         eps = trigflow.predict_noise(x_eval, t_eval, F, sigma_d) / sigma_d
         x_pred = trigflow.ddim_step(x_eval, t_eval, t_end, F, sigma_d)  # t_eval = t_start here
         corr = sigma_d * jnp.sin(t_end - t_start) / jnp.cos(t_start) / 2
+        corr = corr.reshape(corr.shape + (1,) * (x.ndim - corr.ndim))
         x_corr = x_eval + corr * (eps - eps_prev)  # x_eval is the predictor's x at t_end here
-        pred = is_pred > 0
+        pred = (is_pred > 0).reshape(is_pred.shape + (1,) * (x.ndim - is_pred.ndim))
         return (jnp.where(pred, x_pred, x_corr), jnp.where(pred, eps, eps_prev)), None
 
-    rows = tuple(jnp.asarray(col, dtype) for col in _stage_tables(t_grid, solver))
     (x0, _), _ = jax.lax.scan(stage, (x, jnp.zeros_like(x)), rows)
-    return x0, nfe
+    return x0
+
+
+def edm_times_from(
+    t: Array, num_steps: int, sigma_d: float, sigma_min: float = 0.002, rho: float = 7.0
+) -> Array:
+    """EDM's rho-schedule from each start time ``t`` down to ``sigma_min``, then a final 0.
+
+    Like :func:`edm_times` with sigma_max = sigma_d tan(t), but traced (``t`` is data, so one
+    compiled solver serves every start time): sigma_i = (sigma_t^(1/rho) + i / (N - 1)
+    (sigma_lo^(1/rho) - sigma_t^(1/rho)))^rho for i < N, sigma_lo = min(sigma_min, sigma_t) (a
+    start below sigma_min takes N - 1 zero-length steps at sigma_t, then the step to 0),
+    t_i = arctan(sigma_i / sigma_d), t_N = 0; t_0 = t exactly.
+
+    Args:
+      t: ``(B,)`` start times in (0, pi/2), float.
+      num_steps: N >= 1 (static).
+    Returns:
+      ``(num_steps + 1, B)`` times in the dtype of ``t``, non-increasing down each column.
+    """
+    if num_steps < 1:
+        raise ValueError(f"edm_times_from needs num_steps >= 1; got {num_steps}")
+    if not rho > 0 or not sigma_min > 0:
+        raise ValueError(f"need sigma_min > 0 and rho > 0; got {sigma_min!r}, {rho!r}")
+    t = jnp.asarray(t)
+    sigma_t = trigflow.sigma_from_t(t, sigma_d)
+    hi = sigma_t ** (1 / rho)
+    lo = jnp.minimum(jnp.asarray(sigma_min, t.dtype), sigma_t) ** (1 / rho)
+    frac = (jnp.arange(num_steps, dtype=t.dtype) / max(num_steps - 1, 1))[:, None]
+    times = trigflow.t_from_sigma((hi + frac * (lo - hi)) ** rho, sigma_d)
+    times = times.at[0].set(t)  # the start exactly (arctan(tan t) rounds)
+    return jnp.concatenate([times, jnp.zeros_like(t)[None]])
+
+
+def solve_ode_from(
+    apply_fn: ApplyFn,
+    params: Any,
+    x_t: Array,
+    t: Array | float,
+    num_steps: int,
+    sigma_d: float,
+    solver: str = "heun",
+    sigma_min: float = 0.002,
+    rho: float = 7.0,
+    labels: Array | None = None,
+    guidance_scale: Array | float | None = None,
+) -> Array:
+    """The teacher's PF-ODE endpoint from an arbitrary state: integrate x_t from time t to 0.
+
+    The solver of :func:`sample_ode` (same steps, nfe = 2N - 1 for Heun) on the schedule
+    :func:`edm_times_from` (EDM's rho-schedule from sigma_d tan(t) to ``sigma_min``, then 0), so
+    ``solve_ode_from(..., x, t_max, ...)`` follows the same schedule as :func:`sample_ode` from x
+    (up to the float32 rounding of the traced schedule). ``t`` is an array, not static: one
+    compiled program serves every start time. Jit with ``static_argnames=ODE_FROM_STATIC``.
+
+    Args:
+      apply_fn, params: the teacher F (``ApplyFn`` convention), called with ``key=None``.
+      x_t: ``(B, ...)`` float states at time ``t``.
+      t: start time(s) in (0, pi/2): scalar or ``(B,)`` (each sample its own schedule).
+      num_steps: N >= 1 solver steps (static).
+      sigma_d: data std.
+      solver: ``"heun"`` or ``"euler"`` (static).
+      sigma_min, rho: EDM schedule (static).
+      labels, guidance_scale: as :func:`sample_ode`.
+    Returns:
+      The endpoint x_0 estimate, shape and dtype of ``x_t``.
+    Raises:
+      ValueError: bad solver or step count, or guidance without labels.
+    """
+    ode_nfe(num_steps, solver)
+    if guidance_scale is not None and labels is None:
+        raise ValueError("guidance_scale needs labels (got labels=None)")
+    b = x_t.shape[0]
+    grid = edm_times_from(_batch(t, b, x_t.dtype), num_steps, sigma_d, sigma_min, rho)
+    i_eval, i_start, i_end, is_pred = _stage_index(num_steps, solver)  # rows of (B,) times
+    rows = (grid[i_eval], grid[i_start], grid[i_end], jnp.asarray(is_pred, x_t.dtype))
+    return _integrate(apply_fn, params, x_t, rows, sigma_d, labels, guidance_scale)
 
 
 def make_ode_sampler(

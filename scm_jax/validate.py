@@ -11,7 +11,8 @@
    micro-batches, the data's shape against the network, a teacher for sCD, ... New objectives add
    theirs with :func:`register_relation`.
 3. **paths** (unless ``check_paths=False``): the files a run reads exist (``dataset.path``,
-   ``teacher.workdir``, ``init_from``, ``evals.ref``, ``evals.inception``).
+   ``teacher.workdir``, ``init_from``, ``evals.ref``, ``evals.inception``,
+   ``evals.consistency_teacher``).
 
 :func:`validate` raises one :class:`ConfigError` (a ValueError) listing them all. ``scm-jax
 train`` calls it before it builds anything (no compilation, no data loading); ``scm-jax config
@@ -105,7 +106,9 @@ SECTIONS: dict[str, dict[str, Check]] = {
     "evals": {
         "every_kimg": real(ge=0), "steps": sequence(integer(1)), "num": integer(2),
         "ref": text(), "inception": text(), "batch_size": integer(0), "teacher_nfe": integer(0),
-        "seed": integer(0),
+        "seed": integer(0), "consistency_every_kimg": real(ge=0), "consistency_num": integer(1),
+        "consistency_times": sequence(real(gt=0, lt=math.pi / 2)),
+        "consistency_heun_steps": integer(1), "consistency_teacher": text(),
     },
     "dmd": {  # objectives dmd, rcm (configlib.DMD_DEFAULTS); cross-field rules in _dmd
         "weight": real(ge=0), "start_step": integer(0), "start_kimg": real(ge=0),
@@ -391,6 +394,34 @@ def _evals(cfg: Mapping[str, Any], check_paths: bool) -> list[str]:
     return out
 
 
+def _consistency(cfg: Mapping[str, Any], check_paths: bool) -> list[str]:
+    """Periodic consistency error: a consistency model with a teacher, times up to t_max."""
+    keys = ("evals.consistency_every_kimg", "evals.consistency_teacher", "objective")
+    if not _ok(cfg, *keys) or cfg["evals"]["consistency_every_kimg"] <= 0:
+        return []
+    ev, objective, out = cfg["evals"], cfg["objective"], []
+    every = f"evals.consistency_every_kimg={ev['consistency_every_kimg']}"
+    teacher, source = ev["consistency_teacher"], cfg["dataset"].get("source")
+    if objective == "diffusion":
+        out.append(f"{every}: a diffusion run is the teacher itself; measure it with `scm-jax "
+                   "eval --workdir DIR --consistency`, or set it to 0")  # fmt: skip
+    elif teacher == "exact_gmm" and source != "toy_gmm":
+        out.append(f"evals.consistency_teacher='exact_gmm' needs dataset.source='toy_gmm', not "
+                   f"{source!r}")  # fmt: skip
+    elif teacher and teacher != "exact_gmm" and check_paths and not (
+            Path(teacher) / RUN_CONFIG).is_file():  # fmt: skip
+        out.append(f"evals.consistency_teacher {teacher!r} is not a training run's folder (no "
+                   f"{RUN_CONFIG}); point it at a diffusion run's --workdir")  # fmt: skip
+    elif not teacher and objective == "sct" and not cfg.get("init_from"):
+        out.append(f"{every}: sCT has no teacher to compare with; set --config.evals."
+                   "consistency_teacher=DIR (a diffusion run) or exact_gmm")  # fmt: skip
+    if _ok(cfg, "evals.consistency_times", "trigflow.sigma_max", "trigflow.sigma_d"):
+        t_max = math.atan(cfg["trigflow"]["sigma_max"] / cfg["trigflow"]["sigma_d"])
+        if late := [t for t in ev["consistency_times"] if t > t_max + 1e-9]:
+            out.append(f"evals.consistency_times {late} exceed t_max = {t_max:.5f}")
+    return out
+
+
 def _dmd(cfg: Mapping[str, Any], check_paths: bool) -> list[str]:
     """DMD / rCM (objectives in configlib.DMD_OBJECTIVES): the regression batch, the teacher's
     guidance against the student, no gradient accumulation. Other objectives: nothing."""
@@ -466,7 +497,8 @@ def _paths(cfg: Mapping[str, Any], check_paths: bool) -> list[str]:
 
 
 RELATIONS: list[Relation] = [
-    _times, _batch, _data_and_network, _durations, _teacher, _snapshots, _evals, _paths, _dmd,
+    _times, _batch, _data_and_network, _durations, _teacher, _snapshots, _evals, _consistency,
+    _paths, _dmd,
 ]  # fmt: skip
 
 

@@ -173,6 +173,16 @@ CASES: list[Case] = [
          "the NFE must be odd"),
     case("eval: model without images", "eval --workdir {run} --ref {tmp}/ref.npz",
          "FID needs images"),
+    case("eval --consistency: no teacher", "eval --workdir {run} --consistency",
+         "names no teacher to compare with: pass --teacher DIR"),
+    case("eval --consistency: time beyond t_max", "eval --workdir {run} --consistency "
+         "--times 0.5,1.6", "consistency time 1.6 is outside (0, t_max = 1.56455]"),
+    case("eval --consistency with --ref", "eval --workdir {run} --consistency --ref "
+         "{tmp}/ref.npz", "--consistency measures no FID: drop --ref"),
+    case("eval without --ref", "eval --workdir {run}", "FID needs --ref FILE.npz"),
+    case("consistency error of a diffusion run", "config --check --config "
+         "toy_gmm:smoke,objective=diffusion --config.evals.consistency_every_kimg=1",
+         "a diffusion run is the teacher itself"),
     case("fid-stats: data not found", "fid-stats --data {tmp}/none --out {tmp}/s.npz",
          "no such file or folder"),
     case("fid-stats: num < 2", "fid-stats --data mnist5k --out {tmp}/s.npz --num 1",

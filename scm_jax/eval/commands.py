@@ -4,6 +4,7 @@
   scm-jax fid-stats --data test.tar.gz --out c10_test.npz --ref c10_train.npz   # prints the FID
   scm-jax eval --workdir runs/c10_scd --ref c10_train.npz --steps 1,2 --num 50000 \\
                [--teacher-nfe 35] [--guidance 1.5]
+  scm-jax eval --workdir runs/c10_scd --consistency [--num 256] [--teacher DIR] [--json-out F]
 
 ``--data`` SPEC forms (docs/evaluation.md):
 
@@ -28,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from scm_jax.eval import consistency as cons
 from scm_jax.eval.inception import DEFAULT_RESIZE, RESIZE_METHODS
 
 SPEC_HELP = (
@@ -216,13 +218,21 @@ def eval_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="scm-jax eval", description=eval_main.__doc__)
     parser.add_argument("--workdir", required=True,
                         help="a training run's folder, or an export folder")  # fmt: skip
-    parser.add_argument("--ref", required=True, help="reference statistics (scm-jax fid-stats)")
+    parser.add_argument("--ref", help="reference statistics (scm-jax fid-stats); FID needs it")
     parser.add_argument("--steps", help="consistency step counts, e.g. 1,2 (default 1,2)")
-    parser.add_argument("--num", type=int, default=50_000, help="samples per setting (50000)")
+    parser.add_argument("--num", type=int, help="samples per setting (FID: 50000), or "
+                        "consistency pairs (256)")  # fmt: skip
     parser.add_argument("--guidance", type=float, help="guidance input / teacher CFG scale")
     parser.add_argument("--teacher-nfe", type=int, help="also the teacher's Heun sampler at "
                         "this odd NFE (2N-1); diffusion runs: their own EMA")  # fmt: skip
-    parser.add_argument("--teacher", help="teacher run (default: the run's teacher.workdir)")
+    parser.add_argument("--teacher", help="teacher run (default: the run's teacher.workdir; "
+                        "--consistency: or init_from; exact_gmm: the toy's mixture)")  # fmt: skip
+    parser.add_argument("--consistency", action="store_true", help="the consistency error "
+                        "against the teacher's PF-ODE instead of FID")  # fmt: skip
+    parser.add_argument("--times", help="--consistency: grid times, e.g. 0.1,0.5,1 (t_max and "
+                        "t_mid added; default: 8 evenly spaced in log sigma)")  # fmt: skip
+    parser.add_argument("--heun-steps", type=int, default=cons.DEFAULT_HEUN_STEPS,
+                        help="--consistency: Heun steps of the teacher's solves (64)")  # fmt: skip
     parser.add_argument("--ema", help="which EMA (default: the run's first)")
     parser.add_argument("--step", type=int, help="which checkpoint (default: the latest)")
     parser.add_argument("--seed", type=int, default=0)
@@ -232,6 +242,16 @@ def eval_main(argv: Sequence[str]) -> int:
     parser.add_argument("--json-out", help="also write the JSON here")
     _common_options(parser)
     args = parser.parse_args(argv)
+    if args.consistency:
+        given = [o for o, v in (("--ref", args.ref), ("--steps", args.steps),
+                                ("--teacher-nfe", args.teacher_nfe)) if v]  # fmt: skip
+        if given:
+            raise ValueError(f"--consistency measures no FID: drop {', '.join(given)}")
+        return consistency_main(args)
+    if not args.ref:
+        raise ValueError("FID needs --ref FILE.npz (reference statistics, `scm-jax fid-stats`); "
+                         "or pass --consistency for the consistency error")  # fmt: skip
+    args.num = 50_000 if args.num is None else args.num
     steps = _ints(args.steps, "--steps") if args.steps else None
     result = runner.evaluate(
         args.workdir, steps, args.num, ref_path=args.ref, guidance=args.guidance,
@@ -247,5 +267,35 @@ def eval_main(argv: Sequence[str]) -> int:
     print(f"\n{args.workdir} step {result['step']} (EMA {result['ema']}), {args.num} samples, "
           f"{result['devices']} device(s), reference {args.ref}")  # fmt: skip
     print(format_table(result["results"]))
+    print("wrote " + ", ".join(map(str, paths)))
+    return 0
+
+
+def _floats(text: str, what: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.replace(" ", "").split(",") if v)
+    except ValueError:
+        raise ValueError(f"{what} {text!r}: expected numbers like 0.1,0.5,1.0") from None
+
+
+def consistency_main(args: argparse.Namespace) -> int:
+    """``scm-jax eval --consistency``: the table of consistency errors and its JSON."""
+    from scm_jax.eval import consistency_run, runner
+    from scm_jax.sharding import make_mesh
+
+    times = _floats(args.times, "--times") if args.times else ()
+    result = consistency_run.evaluate_run(
+        args.workdir, num=256 if args.num is None else args.num, teacher=args.teacher,
+        times=times, heun_steps=args.heun_steps, ema=args.ema, step=args.step, seed=args.seed,
+        guidance=args.guidance, batch=args.batch or 256, mesh=make_mesh(-1, args.fsdp),
+    )  # fmt: skip
+    out = Path(args.workdir) / "eval" / f"consistency_step{result['step']}.json"
+    paths = [runner.write_json(out, result)]
+    if args.json_out:
+        paths.append(runner.write_json(args.json_out, result))
+    print(f"\n{args.workdir} step {result['step']} (EMA {result['ema']}): consistency error of "
+          f"{result['num']} pairs against {result['teacher']} (Heun {result['heun_steps']} steps; "
+          f"reference {result['reference']}); std(x0) = {result['data_std']:.4g}")  # fmt: skip
+    print(cons.format_table(result, result["t_mid"]))
     print("wrote " + ", ".join(map(str, paths)))
     return 0

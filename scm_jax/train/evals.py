@@ -1,4 +1,5 @@
-"""Periodic FID during training: the config's ``evals`` section (``configlib.EVAL_DEFAULTS``).
+"""Periodic FID and consistency error during training: the config's ``evals`` section
+(``configlib.EVAL_DEFAULTS``).
 
 With ``evals.every_kimg > 0`` the loop evaluates the first EMA every that many kimg and at the
 end: consistency runs at each of ``evals.steps``, diffusion runs with EDM Heun at
@@ -8,6 +9,13 @@ end: consistency runs at each of ``evals.steps``, diffusion runs with EDM Heun a
 run's metric writers at that step, a console line, and ``<workdir>/eval/eval_step<N>.json``.
 Everything it needs (reference statistics, Inception weights, image-shaped samples) is checked
 when the run starts, before any training.
+
+With ``evals.consistency_every_kimg > 0`` (:class:`PeriodicConsistency`) the loop measures the
+consistency error of the same EMA (``scm_jax.eval.consistency``) every that many kimg and at the
+end: ``consistency/t=<t>`` per grid time, ``consistency/1step``, ``consistency/2step``,
+``consistency/2step_vs_teacher`` and ``consistency_time_s``, a console line and
+``<workdir>/eval/consistency_step<N>.json``; the teacher's reference is cached in
+``<workdir>/consistency_ref.npz``.
 """
 
 from __future__ import annotations
@@ -20,7 +28,8 @@ from typing import Any
 import ml_collections
 from jax.sharding import Mesh
 
-from scm_jax.eval import features, fid, runner
+from scm_jax.eval import consistency, consistency_run, features, fid, runner
+from scm_jax.networks import NetworkDef
 from scm_jax.sampler import Sampler
 
 
@@ -127,4 +136,78 @@ class PeriodicEval:
             })  # fmt: skip
         shown = "  ".join(f"{k} {v:.4g}" for k, v in scalars.items() if k.startswith("fid/"))
         self.log(f"eval step {step}: {shown}  ({scalars['eval_time_s']:.1f} s)")
+        return scalars
+
+
+class PeriodicConsistency:
+    """The ``evals.consistency_*`` hook of the training loop; build it with :meth:`create`.
+
+    Args:
+      config: the run's config; mesh: the training mesh (the pairs are batch-sharded over it).
+      source: the run's data (the pairs are its first ``evals.consistency_num`` examples).
+      teacher: the loop's teacher (``scm_jax.train.teacher.Teacher``, reused) or None.
+      workdir: the run's folder (cache and JSON); log: console lines.
+      is_main_process: only the main process writes the cache.
+    Raises:
+      ValueError / FileNotFoundError / CheckpointError: no teacher to compare with, a teacher that
+        is not a diffusion run, too few examples, bad times.
+    """
+
+    def __init__(
+        self, config: ml_collections.ConfigDict, mesh: Mesh, source: Any, teacher: Any,
+        workdir: str | Path, log: Callable[[str], None], is_main_process: bool = True,
+    ) -> None:  # fmt: skip
+        from scm_jax.export.files import default_guidance
+        from scm_jax.train.workdir import config_to_dict
+
+        ev, run_cfg = config.evals, config_to_dict(config)
+        self.log, self.workdir = log, Path(workdir)
+        t_model = consistency_run.resolve_teacher(
+            run_cfg, workdir, ev.consistency_teacher or None, mesh, loaded=teacher
+        )
+        self.guidance = default_guidance(run_cfg)  # the previews' guidance input
+        sigma_d = float(config.trigflow.sigma_d)
+        pairs = consistency_run.fixed_pairs(source, ev.consistency_num, ev.seed, sigma_d)
+        times = consistency_run.grid(run_cfg, tuple(ev.consistency_times))
+        self.probe = consistency_run.Probe(
+            t_model, pairs, times, t_mid=config.trigflow.t_mid, sigma_d=sigma_d,
+            heun_steps=ev.consistency_heun_steps,
+            cfg_scale=consistency_run.teacher_cfg_scale(
+                consistency_run.default_cfg_scale(run_cfg, self.guidance), t_model),
+            batch=ev.batch_size or 256, mesh=mesh,
+            cache=self.workdir / consistency_run.REF_FILE, write=is_main_process, log=log,
+        )  # fmt: skip
+        log(f"periodic consistency error every {ev.consistency_every_kimg:g} kimg: {len(pairs)} "
+            f"pairs, {len(times)} times, against {t_model.identity} (Heun "
+            f"{ev.consistency_heun_steps} steps)")  # fmt: skip
+
+    @classmethod
+    def create(
+        cls, config: ml_collections.ConfigDict, mesh: Mesh, source: Any, teacher: Any,
+        workdir: str | Path, log: Callable[[str], None], is_main_process: bool = True,
+    ) -> PeriodicConsistency | None:  # fmt: skip
+        """The hook, or None when ``evals.consistency_every_kimg`` is 0 (off)."""
+        if config.evals.consistency_every_kimg <= 0:
+            return None
+        return cls(config, mesh, source, teacher, workdir, log, is_main_process)
+
+    def __call__(
+        self, nd: NetworkDef, params: Any, step: int, writers: Any, is_main_process: bool = True
+    ) -> dict[str, float]:
+        """Measure the student ``nd`` with ``params`` (the EMA, on the mesh) and write the
+        scalars (``consistency/...`` and ``consistency_time_s``), which it returns."""
+        t0 = time.perf_counter()
+        result = self.probe(nd.apply_fn, params, self.guidance)
+        scalars = consistency.scalars(result)
+        scalars["consistency_time_s"] = time.perf_counter() - t0
+        if is_main_process:
+            writers.write_scalars(step, scalars)
+            runner.write_json(self.workdir / "eval" / f"consistency_step{step}.json", {
+                "workdir": str(self.workdir), "step": step, "teacher": self.probe.teacher.identity,
+                "heun_steps": self.probe.heun_steps, "guidance": self.guidance, **result,
+                "time": time.time(),
+            })  # fmt: skip
+        names = ("1step", "2step", "2step_vs_teacher")
+        shown = "  ".join(f"{name} {result[name]:.4g}" for name in names)
+        self.log(f"consistency step {step}: {shown}  ({scalars['consistency_time_s']:.1f} s)")
         return scalars

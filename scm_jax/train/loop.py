@@ -39,7 +39,7 @@ from scm_jax.sharding import activation_rules, batch_sharding, check_batch, mesh
 from scm_jax.train import metrics as metrics_lib
 from scm_jax.train.aot import state_fn, train_step_from_config
 from scm_jax.train.checkpoint import Checkpointer
-from scm_jax.train.evals import PeriodicEval
+from scm_jax.train.evals import PeriodicConsistency, PeriodicEval
 from scm_jax.train.previews import write_previews
 from scm_jax.train.progress import Progress, emit
 from scm_jax.train.snapshots import SnapshotWriter
@@ -121,7 +121,8 @@ def train(
       log: where progress lines go.
     Returns:
       ``{'step', 'nimg', 'seconds', 'interrupted' (signal number or None), 'samples' (paths),
-      'metrics' (the last logged scalars), 'evals' ({step: periodic FID scalars})}``.
+      'metrics' (the last logged scalars), 'evals' ({step: periodic FID scalars}),
+      'consistency' ({step: consistency-error scalars})}``.
     Raises:
       ValueError (``scm_jax.validate.ConfigError``: every problem of the config, one line each)
       / FileNotFoundError / CheckpointError with a clear message for a bad config, missing data
@@ -150,6 +151,8 @@ def train(
     scale = data_scale(config.dataset, sigma_d)
     distil = config.objective in configlib.DISTILL_OBJECTIVES  # sCD, DMD, rCM
     teacher = load_teacher(config, mesh) if distil else None
+    consistency = PeriodicConsistency.create(config, mesh, source, teacher, workdir, log,
+                                             is_main_process=is_main)  # fmt: skip
     tx, schedule = make_optimizer(**config.optim, batch_size=config.batch_size)
 
     ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints)
@@ -228,6 +231,7 @@ def train(
         snapshots = SnapshotWriter(workdir, config.ema.power_std, config.batch_size,
                                    is_main_process=is_main, log=log)  # fmt: skip
         snapshots.start(start)
+    cons_every = every_steps(config.evals.consistency_every_kimg, config.batch_size)
     ema_names = list(state.emas)
     sampler = Sampler(
         nd, None, sigma_d=sigma_d, sigma_max=config.trigflow.sigma_max,
@@ -256,6 +260,13 @@ def train(
         evals[int(st.step)] = periodic(sampler.with_params(params), int(st.step), writers,
                                        teacher_sampler, is_main_process=is_main)  # fmt: skip
         progress.restart_timer(int(st.step))  # the evaluation is not training time
+
+    measured: dict[int, dict[str, float]] = {}
+
+    def measure(st) -> None:  # the consistency error (evals.consistency_every_kimg)
+        params = st.emas[ema_names[0]] if ema_names else st.params["net"]
+        measured[int(st.step)] = consistency(nd, params, int(st.step), writers, is_main)
+        progress.restart_timer(int(st.step))  # not training time either
 
     identity = run_identity(config)
     guard = NonfiniteGuard(config.train.max_consecutive_nonfinite, **counts, log=log)
@@ -317,6 +328,8 @@ def train(
                 samples += previews(state)
             if eval_every and s % eval_every == 0 and s < total_steps:
                 evaluate(state)
+            if cons_every and s % cons_every == 0 and s < total_steps:
+                measure(state)
             if ckpt_every and s % ckpt_every == 0 and s < total_steps:
                 save(state)  # syncs the guard
                 saved_at = s
@@ -337,6 +350,8 @@ def train(
         samples += previews(state)
         if periodic is not None and final not in evals:
             evaluate(state)
+        if consistency is not None and final not in measured:
+            measure(state)
     ckpt.close()
     writers.close()
     if diverged:
@@ -350,7 +365,7 @@ def train(
             f"{ckpt.directory}")  # fmt: skip
     return {"step": final, "nimg": final * config.batch_size, "seconds": time.time() - t_start,
             "interrupted": interrupted, "samples": samples, "metrics": last, "evals": evals,
-            "nonfinite_steps_total": guard.total}  # fmt: skip
+            "consistency": measured, "nonfinite_steps_total": guard.total}  # fmt: skip
 
 
 def _accumulate(acc: metrics_lib.TrainMetrics, values: dict[str, Any]) -> Any:
