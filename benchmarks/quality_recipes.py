@@ -100,7 +100,7 @@ MNIST = Dataset(
         "sct": ("--config.optim.lr=1e-3",),  # sCT from the teacher: sCD's fine-tuning rate
     },
     student=(
-        "--config.loss.tangent_warmup_steps=0",
+        "--config.loss.tangent_warmup_fraction=0",
         "--config.loss.tangent_warmup_kimg=1.6",
         "--config.ema.halflife_kimg=0",  # power EMAs: their length follows the run's
         "--config.ema.power_std=(0.05,0.1)",

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from scm_jax import cli, configlib, sampling
+from scm_jax import cli, config_durations, configlib, sampling
 from scm_jax.data.arrays import ArrayDataset
 from scm_jax.data.scale import DataScale, channel_stats, data_scale
 from scm_jax.data.sources import load_dataset
@@ -168,32 +168,34 @@ def test_a_teacher_of_another_scale_is_refused():
 
 
 def _config(**loss):
+    """MNIST sCD (800 steps of 16) with the warm-up given by ``loss`` (the other units 0)."""
     cfg = configlib.load_config("mnist:objective=scd")
     with cfg.unlocked():
         cfg.teacher.workdir = "T"
+        cfg.loss.tangent_warmup_fraction = 0.0
         for k, v in loss.items():
             cfg.loss[k] = v
     return cfg
 
 
 def test_warm_up_in_steps_kimg_or_fraction():
-    total = configlib.total_steps(_config())  # 800 steps of 16 (12.8 kimg)
+    total = config_durations.total_steps(_config())  # 800 steps of 16 (12.8 kimg)
     assert total == 800
     for fields, steps in [
-        ({"tangent_warmup_steps": 0, "tangent_warmup_kimg": 1.6}, 100),
-        ({"tangent_warmup_steps": 0, "tangent_warmup_fraction": 0.05}, 40),
+        ({"tangent_warmup_kimg": 1.6}, 100),
+        ({"tangent_warmup_fraction": 0.05}, 40),
         ({"tangent_warmup_steps": 120}, 120),
     ]:
         cfg = _config(**fields)
         assert problems(cfg, check_paths=False) == []
-        resolved = configlib.resolve_durations(cfg)
+        resolved = config_durations.resolve_durations(cfg)
         assert resolved.loss.tangent_warmup_steps == steps
         assert resolved.loss.tangent_warmup_kimg == resolved.loss.tangent_warmup_fraction == 0
-        assert configlib.resolve_durations(resolved).to_dict() == resolved.to_dict()
+        assert config_durations.resolve_durations(resolved).to_dict() == resolved.to_dict()
 
 
 def test_durations_are_refused_in_two_units_or_beyond_the_run():
-    both = problems(_config(tangent_warmup_kimg=1.0), check_paths=False)
+    both = problems(_config(tangent_warmup_steps=10, tangent_warmup_kimg=1.0), check_paths=False)
     assert any("loss.tangent_warmup_steps and loss.tangent_warmup_kimg are both set" in p
                for p in both)  # fmt: skip
     long = problems(_config(tangent_warmup_steps=801), check_paths=False)
@@ -202,7 +204,7 @@ def test_durations_are_refused_in_two_units_or_beyond_the_run():
     assert problems(_config(tangent_warmup_steps=800), check_paths=False) == []
     rcm = configlib.load_config("mnist:objective=rcm").to_dict()
     rcm["teacher"]["workdir"] = "T"
-    rcm["dmd"]["start_step"] = 800
+    rcm["dmd"]["start_step"], rcm["dmd"]["start_fraction"] = 800, 0.0
     assert any("dmd start (800 steps) is not before the end of the run" in p
                for p in problems(rcm, check_paths=False))  # fmt: skip
     ema = configlib.load_config("mnist").to_dict()
@@ -211,9 +213,9 @@ def test_durations_are_refused_in_two_units_or_beyond_the_run():
                for p in problems(ema, check_paths=False))  # fmt: skip
     ema["ema"]["halflife_kimg"] = 0.0
     assert problems(ema, check_paths=False) == []
-    resolved = configlib.resolve_durations(configlib.load_config("mnist"))
+    resolved = config_durations.resolve_durations(configlib.load_config("mnist"))
     assert resolved.ema.halflife_kimg == 1.0  # no fraction set: kept
     cfg = configlib.load_config("mnist")
     with cfg.unlocked():
         cfg.ema.halflife_kimg, cfg.ema.halflife_fraction = 0.0, 0.1
-    assert configlib.resolve_durations(cfg).ema.halflife_kimg == pytest.approx(1.28)
+    assert config_durations.resolve_durations(cfg).ema.halflife_kimg == pytest.approx(1.28)

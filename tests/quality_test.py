@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from scm_jax import cli, configlib, validate
+from scm_jax import cli, config_durations, validate
 
 
 @pytest.fixture
@@ -96,8 +96,8 @@ def test_every_recipe_is_a_valid_training_config(quality, tmp_path, dataset):
                 assert config.dataset.source == "image_folder"
                 assert config.dataset.path.endswith("cifar10_jpeg/train.tar.gz")
             if name != "teacher":  # issue 21: the tangent warm-up within 10 % of every length
-                warmup = configlib.resolve_durations(config).loss.tangent_warmup_steps
-                assert 0 < warmup <= 0.1 * configlib.total_steps(config) + 1e-9
+                warmup = config_durations.resolve_durations(config).loss.tangent_warmup_steps
+                assert 0 < warmup <= 0.1 * config_durations.total_steps(config) + 1e-9
             if dataset == "mnist":  # at TrigFlow's scale (docs/method.md)
                 assert config.dataset.normalize == "per_channel"
         assert (

@@ -18,7 +18,7 @@ import pytest
 from conftest import REPO
 from train_test import folder_digest, quiet, smoke_config, tree_bytes
 
-from scm_jax import configlib, validate
+from scm_jax import config_checks, configlib, validate
 from scm_jax.data.arrays import batch_indices
 from scm_jax.train.checkpoint import (
     Checkpointer,
@@ -398,7 +398,7 @@ def test_new_sections_register_their_checks():
     assert validate.problems(cfg) == []  # unknown section: not refused here
     saved = dict(validate.SECTIONS)
     try:
-        validate.register_section("newobjective", {"fake_lr": validate.real(gt=0)})
+        validate.register_section("newobjective", {"fake_lr": config_checks.real(gt=0)})
         assert validate.problems(cfg) == [
             "newobjective.fake_lr=-1.0: must be > 0",
             "unknown key(s) newobjective.typo; known: fake_lr",

@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from scm_jax import configlib
+from scm_jax import config_durations, configlib
 from scm_jax.data.prefetch import Prefetcher
 from scm_jax.data.scale import data_scale
 from scm_jax.data.sources import load_dataset
@@ -131,7 +131,7 @@ def train(
       steps in a row (a checkpoint of the last good parameters is written first).
     """
     validate(config)  # before anything is built, compiled or loaded
-    config = configlib.resolve_durations(config)  # warm-up, DMD start in steps; EMA in kimg
+    config = config_durations.resolve_durations(config)  # warm-up, DMD start in steps; EMA in kimg
     workdir = Path(workdir)
     t_start = time.time()
     sigma_d = float(config.trigflow.sigma_d)
