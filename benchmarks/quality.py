@@ -8,6 +8,7 @@ the FID of each against a real reference set (issue 12, docs/results.md).
   python benchmarks/quality.py train teacher              # then: scd, sct, dmd, rcm (, scd_long)
   python benchmarks/quality.py eval teacher               # FID of one run (--num)
   python benchmarks/quality.py grids                      # sample grids (docs/images)
+  python benchmarks/quality.py plots                      # consistency error over t (docs/images)
   python benchmarks/quality.py table --write-docs         # the table (also into docs/results.md)
   python benchmarks/quality.py --dataset cifar10 --smoke all   # tiny networks: does it run?
 
@@ -51,7 +52,7 @@ from quality_recipes import (
 
 WORK = REPO / ".data" / "quality"
 DOCS = REPO / "docs" / "results.md"
-STAGES = ["ref", "floor", "train", "eval", "grids", "table", "all"]
+STAGES = ["ref", "floor", "train", "eval", "grids", "plots", "table", "all"]
 
 
 def read_idx_images(path: Path) -> np.ndarray:
@@ -208,8 +209,14 @@ class Pipeline:
         seconds = self.run(stage, argv)
         lines = (self.runs / name / "metrics.jsonl").read_text().splitlines()
         last = next(m for m in map(json.loads, reversed(lines)) if "loss" in m)
+        extra = {}
+        probe = self.runs / name / "eval" / f"consistency_step{last['step']}.json"
+        if probe.is_file():  # the consistency error at this length (evals.consistency_*)
+            c = json.loads(probe.read_text())
+            keys = ("times", "sigmas", "errors", "1step", "2step", "2step_vs_teacher", "num")
+            extra["consistency"] = {k: c[k] for k in keys}
         self.record(stage, argv, seconds, kimg=self._kimg(name, last["step"]),
-                    step=last["step"], final_loss=last.get("loss"))  # fmt: skip
+                    step=last["step"], final_loss=last.get("loss"), **extra)  # fmt: skip
 
     def _kimg(self, name: str, step: int) -> float:
         """Thousands of images run ``name`` has trained on after ``step`` steps."""
@@ -256,6 +263,42 @@ class Pipeline:
                                       GRID_STEPS.get(name, "2"), "--num", "100",
                                       *self.ds.grid_labels,
                                       "--out", str(out)])  # fmt: skip
+
+    def stage_plots(self) -> None:
+        """The consistency error against the teacher's PF-ODE (RMS / data std) over t of each
+        student at each length, from the recorded train stages: docs/images (or the smoke run
+        folder), ``quality_<dataset>_consistency.png``."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        stages = self.load()["stages"]
+        students = [n for n in self.ds.order if n != "teacher"]
+        fig, axes = plt.subplots(1, len(students), figsize=(5 * len(students), 3.6), sharey=True)
+        axes = np.atleast_1d(axes)
+        drawn = 0
+        for ax, name in zip(axes, students, strict=True):
+            for kimg in run_lengths(self.ds, name, self.smoke):
+                c = stages.get(self.key("train", name, kimg), {}).get("consistency")
+                if c is None:
+                    continue
+                ax.plot(c["sigmas"], c["errors"], marker="o", label=f"{kimg:g} kimg")
+                ax.scatter([c["sigmas"][-1] * 0.6], [c["2step"]], marker="x", s=60)
+                drawn += 1
+            ax.set_xscale("log")
+            ax.set_title(f"{name}: f(x_t, t) vs teacher ODE endpoint")
+            ax.set_xlabel("sigma = sigma_d tan t")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        axes[0].set_ylabel("RMS error / data std  (x: 2-step at t_mid)")
+        if not drawn:
+            sys.exit("plots: no consistency measurements recorded yet")
+        self.images.mkdir(parents=True, exist_ok=True)
+        out = self.images / f"quality_{self.ds.name}_consistency.png"
+        fig.tight_layout()
+        fig.savefig(out, dpi=110)
+        print(f"wrote {out}")
 
     # -- the table ------------------------------------------------------------------------------
     def table(self, stages: dict[str, Any] | None = None, order: tuple[str, ...] = ()) -> str:
@@ -356,6 +399,8 @@ def main(argv: list[str]) -> None:
         q.stage_eval(args.name, num, args.force, args.kimg)
     elif args.stage == "grids":
         q.stage_grids(args.force)
+    elif args.stage == "plots":
+        q.stage_plots()
     elif args.stage == "table":
         print(q.table())
         if args.write_docs:

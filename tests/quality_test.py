@@ -125,3 +125,21 @@ def test_cifar10_smoke_recipe_trains_teacher_and_student(quality, shared_data, t
     assert "cifar10_jpeg/train.tar.gz" in stages["train_scd"]["command"]
     assert "--config.ema.halflife_kimg=0.004" in stages["train_scd"]["command"]
     assert (pipe.runs / "scd" / "checkpoints" / "2").is_dir()
+
+
+def test_plots_draw_each_students_consistency_error(mnist, tmp_path):
+    """`quality.py plots` draws the recorded consistency error of each student at each length
+    (and refuses when none is recorded)."""
+    mnist.images = tmp_path / "images"
+    mnist.results.parent.mkdir(parents=True)
+    mnist.results.write_text(json.dumps({"stages": {}}))
+    with pytest.raises(SystemExit, match="no consistency measurements"):
+        mnist.stage_plots()
+    c = {"times": [0.1, 1.1, 1.56], "sigmas": [0.05, 0.98, 80.0], "errors": [0.01, 0.2, 0.5],
+         "1step": 0.5, "2step": 0.3, "2step_vs_teacher": 1.1, "num": 128}  # fmt: skip
+    stages = {f"train_{n}@{k}": {"kimg": k, "consistency": c} for n in ("scd", "sct")
+              for k in (16, 64)}  # fmt: skip
+    mnist.results.write_text(json.dumps({"stages": stages}))
+    mnist.stage_plots()
+    png = mnist.images / "quality_mnist_consistency.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
