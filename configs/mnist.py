@@ -49,9 +49,9 @@ def get_config(arg=None):
     batch = 8 if a.smoke else 16
     distil = a.objective in configlib.DISTILL_OBJECTIVES
     lr = 1e-3 if distil else 1e-2
-    # the tangent warm-up (sCM: H = 10k steps); smoke runs: half of however many steps
+    # the tangent warm-up (sCM: H = 10k steps); smoke runs: one step (they may be one step long)
     warmup = (
-        {"tangent_warmup_steps": 0, "tangent_warmup_fraction": 0.5}
+        {"tangent_warmup_steps": 1}
         if a.smoke
         else {"tangent_warmup_steps": 0, "tangent_warmup_fraction": 0.1}
     )

@@ -37,12 +37,8 @@ def get_config(arg=None):
     }
     batch = 8 if a.smoke else 1024
     lr = 1e-4 if cm else 1e-3
-    # the tangent warm-up (sCM: H = 10k steps); smoke runs: half of however many steps
-    warmup = (
-        {"tangent_warmup_steps": 0, "tangent_warmup_fraction": 0.5}
-        if a.smoke
-        else {"tangent_warmup_steps": 1_000}
-    )
+    # the tangent warm-up (sCM: H = 10k steps); smoke runs: one step (they may be one step long)
+    warmup = {"tangent_warmup_steps": 1} if a.smoke else {"tangent_warmup_steps": 1_000}
     return configlib.assemble(
         # The mixture itself is part of the config (and so of the run's config JSON): 8 components
         # on a ring of radius 0.65 with std 0.15, overall data std 0.48 ~ sigma_d.

@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -278,6 +280,7 @@ def mnist_config(overrides):
     cfg.batch_size = 16
     cfg.total_kimg = configlib.kimg(mnist_steps, cfg.batch_size)
     cfg.loss.tangent_warmup_steps = mnist_steps // 4
+    cfg.loss.tangent_warmup_fraction = 0.0
     cfg.train.log_every_kimg = cfg.batch_size / 1000  # every step
     cfg.train.ckpt_every_kimg = 0  # one checkpoint, at the end
     cfg.train.sample_every_kimg = 0

@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -96,6 +96,7 @@ if workdir is None:
         f"--config.batch_size={batch_size}",
         f"--config.total_kimg={train_steps * batch_size / 1000}",
         f"--config.loss.tangent_warmup_steps={max(1, train_steps // 4)}",
+        "--config.loss.tangent_warmup_fraction=0",
         f"--config.train.log_every_kimg={max(1, train_steps // 4) * batch_size / 1000}",
         "--config.train.ckpt_every_kimg=0",
         "--config.train.sample_every_kimg=0",

@@ -130,9 +130,9 @@ def _durations(cfg: Mapping[str, Any], check_paths: bool) -> list[str]:
                 f"{cfg['total_kimg']:g} at batch {cfg['batch_size']}); shorten it, e.g. "
                 "--config.loss.tangent_warmup_fraction=0.1 (and the other units 0)"
             )
-        if section == "dmd" and steps >= total:
-            out.append(f"dmd start ({steps} steps) is not before the end of the run ({total} "
-                       "steps): the DMD term would never act; lower dmd.start_*")  # fmt: skip
+        if section == "dmd" and steps > total:
+            out.append(f"dmd start ({steps} steps) is after the end of the run ({total} steps): "
+                       "the DMD term would never act; lower dmd.start_*")  # fmt: skip
     if _ok(cfg, "ema.halflife_kimg") and cfg["ema"].get("halflife_fraction"):
         if cfg["ema"]["halflife_kimg"]:
             out.append("ema.halflife_kimg and ema.halflife_fraction are both set; give the EMA "

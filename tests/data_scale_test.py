@@ -204,8 +204,8 @@ def test_durations_are_refused_in_two_units_or_beyond_the_run():
     assert problems(_config(tangent_warmup_steps=800), check_paths=False) == []
     rcm = configlib.load_config("mnist:objective=rcm").to_dict()
     rcm["teacher"]["workdir"] = "T"
-    rcm["dmd"]["start_step"], rcm["dmd"]["start_fraction"] = 800, 0.0
-    assert any("dmd start (800 steps) is not before the end of the run" in p
+    rcm["dmd"]["start_step"], rcm["dmd"]["start_fraction"] = 801, 0.0
+    assert any("dmd start (801 steps) is after the end of the run (800 steps)" in p
                for p in problems(rcm, check_paths=False))  # fmt: skip
     ema = configlib.load_config("mnist").to_dict()
     ema["ema"]["halflife_fraction"] = 0.1
