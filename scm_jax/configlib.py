@@ -310,6 +310,7 @@ def assemble(
     evals: dict[str, Any] | None = None,
     mesh: dict[str, Any] | None = None,
     dmd: dict[str, Any] | None = None,
+    init_from: str = "",
 ) -> ml_collections.ConfigDict:
     """Build a locked config with the layout every dataset shares.
 
@@ -366,7 +367,7 @@ def assemble(
     cfg.batch_size = batch_size
     cfg.total_kimg = total_kimg
     cfg.seed = 0  # parameters, noise, times and data order all derive from it
-    cfg.init_from = ""  # a training workdir (or checkpoint folder) whose EMA weights start this run
+    cfg.init_from = init_from  # a workdir or export folder whose EMA weights start this run
     cfg.train = {**TRAIN_DEFAULTS, **(train or {})}
     cfg.evals = {**EVAL_DEFAULTS, **(evals or {})}
     cfg.mesh = {**MESH_DEFAULTS, **(mesh or {})}

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import pytest
 
-from scm_jax import configlib, ema
+from scm_jax import configlib, ema, validate
 from scm_jax.networks import build_network
 from scm_jax.optim import make_optimizer
 
@@ -80,6 +82,26 @@ def test_dmd_and_rcm_hyperparameters_spot_checks():
     assert (d.loss.warmup_form, d.loss.adaptive_weighting) == ("scm", True)
     assert configlib.load_config("mnist:objective=dmd").optim.lr == 1e-3
     assert configlib.load_config("toy_gmm:objective=rcm").teacher.kind == "exact_gmm"
+
+
+def test_mnist_default_distils_the_shipped_teacher():
+    """Issue 21: ``make run`` is sCD from the teacher in configs/teachers/mnist_s (an export
+    folder of the same architecture and data scale); sCT at size s starts from it; other sizes
+    and smoke runs have no shipped teacher."""
+    from scm_jax.export.files import is_export
+
+    cfg = configlib.load_config("mnist")
+    shipped = Path(cfg.teacher.workdir)
+    assert cfg.objective == "scd" and cfg.model.size == "s" and is_export(shipped)
+    assert shipped == Path(__file__).resolve().parent.parent / "configs" / "teachers" / "mnist_s"
+    validate.validate(cfg, check_paths=True)  # the teacher's architecture and scale match
+    sct = configlib.load_config("mnist:objective=sct")
+    assert sct.init_from == str(shipped) and sct.teacher.workdir == "" and sct.optim.lr == 1e-3
+    for spec in ("mnist:size=xs", "mnist:smoke,objective=scd", "mnist:objective=diffusion"):
+        c = configlib.load_config(spec)
+        assert c.teacher.workdir == c.init_from == "", spec
+    assert configlib.load_config("mnist:smoke").objective == "sct"
+    assert configlib.load_config("mnist:size=xs,objective=sct").optim.lr == 1e-2
 
 
 def test_shared_sigma_d_and_locked_config():

