@@ -125,7 +125,8 @@ CASES: list[Case] = [
          "--config.dataset.mean=() --config.dataset.std=()",
          "needs dataset.mean and dataset.std"),
     case("tangent warm-up longer than the run", "config --check --config mnist:smoke,objective=sct"
-         " --config.loss.tangent_warmup_fraction=0 --config.loss.tangent_warmup_kimg=1",
+         " --config.loss.tangent_warmup_steps=0 --config.loss.tangent_warmup_fraction=0"
+         " --config.loss.tangent_warmup_kimg=1",
          "is longer than the run"),
     case("a duration in two units", "config --check --config mnist:objective=sct "
          "--config.loss.tangent_warmup_steps=100", "are both set; give the duration in one unit"),
