@@ -253,18 +253,27 @@ class Pipeline:
                     rows=rows)  # fmt: skip
 
     def stage_grids(self, force: bool) -> None:
-        """Sample grids (ten per class for MNIST, else 100) of the trained main runs."""
+        """Sample grids (ten per class for MNIST, else 100) of the main runs at the longest
+        length each has trained to; redrawn when a run has trained further since its grid
+        (the ``grid_<name>`` stage records which length it shows)."""
         self.images.mkdir(parents=True, exist_ok=True)
-        trained = self.load()["stages"]
+        stages = self.load()["stages"]
         for name in (n for n in self.ds.order if n in GRID_RUNS):
             out = self.images / f"quality_{self.ds.name}_{name}.png"
-            last = self.key("train", name, run_lengths(self.ds, name, self.smoke)[-1])
-            if last not in trained or (out.is_file() and not force):
+            trained = [k for k in stages if k.split("@")[0] == "train_" + name]
+            if not trained:
                 continue
-            self.run("grid_" + name, ["sample", "--workdir", str(self.runs / name), "--steps",
-                                      GRID_STEPS.get(name, "2"), "--num", "100",
-                                      *self.ds.grid_labels,
-                                      "--out", str(out)])  # fmt: skip
+            last = max(trained, key=lambda k: stages[k].get("kimg", 0.0))
+            drawn = stages.get("grid_" + name, {}).get("of")
+            if drawn == last and out.is_file() and not force:
+                print(f"grid_{name}: done ({last})")
+                continue
+            argv = ["sample", "--workdir", str(self.runs / name), "--steps",
+                    GRID_STEPS.get(name, "2"), "--num", "100", *self.ds.grid_labels,
+                    "--out", str(out)]  # fmt: skip
+            seconds = self.run("grid_" + name, argv)
+            self.record("grid_" + name, argv, seconds, of=last, kimg=stages[last].get("kimg"))
+            stages = self.load()["stages"]
 
     def stage_plots(self) -> None:
         """The consistency error against the teacher's PF-ODE (RMS / data std) over t of each

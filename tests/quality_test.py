@@ -143,3 +143,33 @@ def test_plots_draw_each_students_consistency_error(mnist, tmp_path):
     mnist.stage_plots()
     png = mnist.images / "quality_mnist_consistency.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_grids_follow_each_run_to_its_longest_length(mnist, tmp_path, monkeypatch):
+    """`quality.py grids` draws each main run at the longest length it has trained to, skips a
+    grid already drawn of that length, and redraws it when the run has trained further."""
+    mnist.images = tmp_path / "images"
+    mnist.results.parent.mkdir(parents=True)
+    calls = []
+
+    def fake_run(stage, argv):
+        calls.append(stage)
+        out = argv[argv.index("--out") + 1]
+        with open(out, "wb") as f:
+            f.write(b"png")
+        return 1.0
+
+    monkeypatch.setattr(mnist, "run", fake_run)
+    stages = {"train_teacher@64": {"kimg": 64.0}, "train_teacher@256": {"kimg": 256.0},
+              "train_scd@16": {"kimg": 16.0}}  # fmt: skip
+    mnist.results.write_text(json.dumps({"stages": stages}))
+    mnist.stage_grids(force=False)
+    assert calls == ["grid_teacher", "grid_scd"]  # sct has not trained: no grid
+    recorded = mnist.load()["stages"]
+    assert recorded["grid_teacher"]["of"] == "train_teacher@256"
+    assert recorded["grid_scd"]["of"] == "train_scd@16"
+    mnist.stage_grids(force=False)
+    assert calls == ["grid_teacher", "grid_scd"]  # nothing new
+    mnist._save({"stages": {**mnist.load()["stages"], "train_scd@64": {"kimg": 64.0}}})
+    mnist.stage_grids(force=False)
+    assert calls[2:] == ["grid_scd"] and mnist.load()["stages"]["grid_scd"]["kimg"] == 64.0
