@@ -162,12 +162,12 @@ def test_reference_is_cached_and_invalidated(pairs, tmp_path, monkeypatch):
     np.testing.assert_array_equal(again.reference["phi"], first["phi"])
     assert calls == [4] and path.stat().st_mtime_ns == mtime and again.reference_source == "cached"
     assert probe(heun_steps=5).reference is not None
-    assert calls == [4, 5] and "was computed for another heun_steps; recomputing" in lines[-2]
+    assert calls == [4, 5] and "was computed for another heun_steps; recomputing" in lines[-3]
     assert probe(5, consistency_run.TeacherModel(TEACHER, None, "other")).reference is not None
-    assert calls == [4, 5, 5] and "another teacher; recomputing" in lines[-2]
+    assert calls == [4, 5, 5] and "another teacher; recomputing" in lines[-3]
     path.write_bytes(b"garbage")
     assert probe(5).reference is not None
-    assert calls == [4, 5, 5, 5] and "is unreadable" in lines[-2]
+    assert calls == [4, 5, 5, 5] and "is unreadable" in lines[-3]
     assert not list(tmp_path.glob(".*tmp*"))  # the temporary files were renamed
 
 

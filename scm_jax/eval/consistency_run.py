@@ -275,6 +275,9 @@ class Probe:
             if note:
                 self.log(f"consistency: {note}")
             if self._ref is None:
+                nfe = len(self.pairs) * (len(self.times) + 1) * (2 * self.heun_steps - 1)
+                self.log(f"consistency: solving the teacher's PF-ODE for the endpoints ({nfe} "
+                         "evaluations, once; later evaluations reuse them) ...")  # fmt: skip
                 t0 = time.perf_counter()
                 self._ref = cons.reference(
                     self.teacher.apply_fn, self.teacher.params, self.pairs, self.times,
@@ -285,7 +288,6 @@ class Probe:
                 self.reference_source = f"computed in {seconds:.1f} s"
                 if self.cache is not None and self.write:
                     save_reference(self.cache, self.key, self._ref)
-                nfe = len(self.pairs) * (len(self.times) + 1) * (2 * self.heun_steps - 1)
                 where = f", cached in {self.cache}" if self.cache and self.write else ""
                 self.log(f"consistency: teacher reference ({nfe} teacher evaluations) computed "
                          f"in {seconds:.1f} s{where}")  # fmt: skip
