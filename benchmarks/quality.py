@@ -8,6 +8,7 @@ the FID of each against a real reference set (issue 12, docs/results.md).
   python benchmarks/quality.py train teacher              # then: scd, sct, dmd, rcm (, scd_long)
   python benchmarks/quality.py eval teacher               # FID of one run (--num)
   python benchmarks/quality.py grids                      # sample grids (docs/images)
+  python benchmarks/quality.py teacher-consistency        # the teacher as its own student (step 0)
   python benchmarks/quality.py plots                      # consistency error over t (docs/images)
   python benchmarks/quality.py table --write-docs         # the table (also into docs/results.md)
   python benchmarks/quality.py --dataset cifar10 --smoke all   # tiny networks: does it run?
@@ -29,6 +30,7 @@ import gzip
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -52,7 +54,7 @@ from quality_recipes import (
 
 WORK = REPO / ".data" / "quality"
 DOCS = REPO / "docs" / "results.md"
-STAGES = ["ref", "floor", "train", "eval", "grids", "plots", "table", "all"]
+STAGES = ["ref", "floor", "train", "eval", "teacher-consistency", "grids", "plots", "table", "all"]
 
 
 def read_idx_images(path: Path) -> np.ndarray:
@@ -275,6 +277,38 @@ class Pipeline:
             self.record("grid_" + name, argv, seconds, of=last, kimg=stages[last].get("kimg"))
             stages = self.load()["stages"]
 
+    def stage_teacher_consistency(self, force: bool) -> None:
+        """The consistency error of the teacher as its own student (sCD's step 0: its one-step
+        DDIM error, what distillation has to remove), with the students' pairs, times and Heun
+        steps (``evals.consistency_*`` of the recipe); reuses a student's cached reference."""
+        if self.done("consistency_teacher", force):
+            return
+        stages = self.load()["stages"]
+        trained = [k for k in stages if k.split("@")[0] == "train_teacher"]
+        if not trained:
+            sys.exit("teacher-consistency: train teacher first")
+        last = max(trained, key=lambda k: stages[k].get("kimg", 0.0))
+        flags = dict(a.removeprefix("--config.evals.").split("=", 1) for a in self.ds.student
+                     if a.startswith("--config.evals.consistency_"))  # fmt: skip
+        if self.smoke:
+            flags.update(consistency_num="8", consistency_heun_steps="4")
+        teacher = self.runs / "teacher"
+        for name in self.ds.order[1:]:  # the students' reference solves are the same
+            cached = self.runs / name / "consistency_ref.npz"
+            if cached.is_file() and not (teacher / cached.name).is_file():
+                shutil.copyfile(cached, teacher / cached.name)
+                break
+        out = self.runs / "teacher_self_consistency.json"
+        argv = ["eval", "--workdir", str(teacher), "--consistency", "--step",
+                str(stages[last]["step"]), "--json-out", str(out)]  # fmt: skip
+        argv += ["--num", flags.get("consistency_num", "256")]
+        argv += ["--heun-steps", flags.get("consistency_heun_steps", "64")]
+        seconds = self.run("consistency_teacher", argv)
+        c = json.loads(out.read_text())
+        keys = ("times", "sigmas", "errors", "1step", "2step", "2step_vs_teacher", "num")
+        self.record("consistency_teacher", argv, seconds, of=last,
+                    consistency={k: c[k] for k in keys})  # fmt: skip
+
     def stage_plots(self) -> None:
         """The consistency error against the teacher's PF-ODE (RMS / data std) over t of each
         student at each length, from the recorded train stages: docs/images (or the smoke run
@@ -289,7 +323,11 @@ class Pipeline:
         fig, axes = plt.subplots(1, len(students), figsize=(5 * len(students), 3.6), sharey=True)
         axes = np.atleast_1d(axes)
         drawn = 0
+        base = stages.get("consistency_teacher", {}).get("consistency")
         for ax, name in zip(axes, students, strict=True):
+            if base is not None:
+                ax.plot(base["sigmas"], base["errors"], "--", color="gray",
+                        label="teacher as student (step 0)")  # fmt: skip
             for kimg in run_lengths(self.ds, name, self.smoke):
                 c = stages.get(self.key("train", name, kimg), {}).get("consistency")
                 if c is None:
@@ -415,6 +453,8 @@ def main(argv: list[str]) -> None:
         q.stage_train(args.name, args.force, args.kimg)
     elif args.stage == "eval":
         q.stage_eval(args.name, num, args.force, args.kimg)
+    elif args.stage == "teacher-consistency":
+        q.stage_teacher_consistency(args.force)
     elif args.stage == "grids":
         q.stage_grids(args.force)
     elif args.stage == "plots":

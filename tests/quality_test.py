@@ -139,6 +139,7 @@ def test_plots_draw_each_students_consistency_error(mnist, tmp_path):
          "1step": 0.5, "2step": 0.3, "2step_vs_teacher": 1.1, "num": 128}  # fmt: skip
     stages = {f"train_{n}@{k}": {"kimg": k, "consistency": c} for n in ("scd", "sct")
               for k in (16, 64)}  # fmt: skip
+    stages["consistency_teacher"] = {"consistency": c}  # the dashed step-0 curve
     mnist.results.write_text(json.dumps({"stages": stages}))
     mnist.stage_plots()
     png = mnist.images / "quality_mnist_consistency.png"
@@ -173,3 +174,34 @@ def test_grids_follow_each_run_to_its_longest_length(mnist, tmp_path, monkeypatc
     mnist._save({"stages": {**mnist.load()["stages"], "train_scd@64": {"kimg": 64.0}}})
     mnist.stage_grids(force=False)
     assert calls[2:] == ["grid_scd"] and mnist.load()["stages"]["grid_scd"]["kimg"] == 64.0
+
+
+def test_teacher_consistency_uses_the_students_probe(mnist, tmp_path, monkeypatch):
+    """`quality.py teacher-consistency` measures the teacher as its own student with the
+    students' pairs and Heun steps, reusing a student's cached reference solve."""
+    mnist.results.parent.mkdir(parents=True)
+    mnist.results.write_text(json.dumps({"stages": {}}))
+    with pytest.raises(SystemExit, match="train teacher first"):
+        mnist.stage_teacher_consistency(force=False)
+    for name in ("teacher", "scd"):
+        (mnist.runs / name).mkdir(parents=True)
+    (mnist.runs / "scd" / "consistency_ref.npz").write_bytes(b"ref")
+    stages = {"train_teacher@256": {"kimg": 256.0, "step": 8000}}
+    mnist.results.write_text(json.dumps({"stages": stages}))
+    c = {"times": [1.0], "sigmas": [0.8], "errors": [0.5], "1step": 0.6, "2step": 0.2,
+         "2step_vs_teacher": 0.7, "num": 128}  # fmt: skip
+    seen = []
+
+    def fake_run(stage, argv):
+        seen.append(argv)
+        (mnist.runs / "teacher_self_consistency.json").write_text(json.dumps(c))
+        return 2.0
+
+    monkeypatch.setattr(mnist, "run", fake_run)
+    mnist.stage_teacher_consistency(force=False)
+    argv = seen[0]
+    assert argv[:4] == ["eval", "--workdir", str(mnist.runs / "teacher"), "--consistency"]
+    assert argv[argv.index("--num") + 1] == "128" and argv[argv.index("--step") + 1] == "8000"
+    assert argv[argv.index("--heun-steps") + 1] == "32"
+    assert (mnist.runs / "teacher" / "consistency_ref.npz").read_bytes() == b"ref"
+    assert mnist.load()["stages"]["consistency_teacher"]["consistency"] == c
