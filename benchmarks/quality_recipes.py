@@ -60,6 +60,10 @@ class Dataset:
     lengths: dict[str, tuple[float, ...]] = field(default_factory=dict)
     student: tuple[str, ...] = ()  # extra flags of every student run
     ema: dict[str, str] = field(default_factory=dict)  # the EMA each run is evaluated with
+    # the export of the teacher's final EMA shipped in the repository (relative to it): students
+    # distil it when the teacher's own run folder is absent (a fresh checkout), so their runs
+    # resume without retraining the teacher
+    shipped_teacher: str = ""
 
 
 OBJECTIVE = {"teacher": "diffusion", "scd": "scd", "sct": "sct", "dmd": "dmd", "rcm": "rcm",
@@ -113,6 +117,7 @@ MNIST = Dataset(
         "--config.evals.consistency_heun_steps=32",
     ),
     order=("teacher", "scd", "sct"),
+    shipped_teacher="configs/teachers/mnist_s",  # runs/quality_mnist/teacher step 8000, power_0.050
 )
 
 # CIFAR-10 (sCM Table 1: unconditional, 32x32) for one GPU: EDM2-S-sized U-Net (51 M), the
@@ -194,10 +199,20 @@ def train_argv(
         argv += ds.overrides.get("teacher", ())
         return [str(a) for a in argv]
     argv += ds.student
+    teacher = teacher_source(ds, runs, smoke)
     if smoke and any(a.startswith("--config.evals.consistency_every_kimg") for a in ds.student):
         argv += ["--config.evals.consistency_num=8", "--config.evals.consistency_heun_steps=4"]
     if name == "sct":  # sCM initialises sCT from the teacher too (reference §1.3)
-        argv += [f"--config.init_from={runs / 'teacher'}", *ds.overrides.get("sct", ())]
+        argv += [f"--config.init_from={teacher}", *ds.overrides.get("sct", ())]
     else:
-        argv += [f"--config.teacher.workdir={runs / 'teacher'}", *ds.overrides.get(name, ())]
+        argv += [f"--config.teacher.workdir={teacher}", *ds.overrides.get(name, ())]
     return [str(a) for a in argv]
+
+
+def teacher_source(ds: Dataset, runs: Path, smoke: bool) -> Path:
+    """What the students of ``ds`` start from: the teacher's run folder under ``runs`` once it
+    has checkpoints, else (not in smoke) the export shipped in the repository, if any."""
+    own = runs / "teacher"
+    if smoke or not ds.shipped_teacher or (own / "checkpoints").is_dir():
+        return own
+    return REPO / ds.shipped_teacher

@@ -205,3 +205,21 @@ def test_teacher_consistency_uses_the_students_probe(mnist, tmp_path, monkeypatc
     assert argv[argv.index("--heun-steps") + 1] == "32"
     assert (mnist.runs / "teacher" / "consistency_ref.npz").read_bytes() == b"ref"
     assert mnist.load()["stages"]["consistency_teacher"]["consistency"] == c
+
+
+def test_students_distil_the_shipped_teacher_until_the_teacher_run_exists(quality, tmp_path):
+    """A fresh checkout has no runs/quality_mnist/teacher: the students then start from the
+    export shipped in configs/teachers/mnist_s (the same EMA), and from the run once it has
+    checkpoints."""
+    _, recipes = quality
+    ds = recipes.MNIST
+    shipped = str(recipes.REPO / ds.shipped_teacher)
+    assert (recipes.REPO / ds.shipped_teacher / "model.safetensors").is_file()
+    scd = recipes.train_argv(ds, "scd", tmp_path, smoke=False, kimg=64)
+    sct = recipes.train_argv(ds, "sct", tmp_path, smoke=False, kimg=64)
+    assert f"--config.teacher.workdir={shipped}" in scd
+    assert f"--config.init_from={shipped}" in sct
+    (tmp_path / "teacher" / "checkpoints").mkdir(parents=True)
+    scd = recipes.train_argv(ds, "scd", tmp_path, smoke=False, kimg=64)
+    assert f"--config.teacher.workdir={tmp_path / 'teacher'}" in scd
+    assert not recipes.CIFAR10.shipped_teacher  # no shipped CIFAR-10 teacher: its own run
