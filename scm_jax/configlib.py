@@ -9,12 +9,17 @@ dataset.
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 from typing import Any
 
 import ml_collections
+
+from scm_jax.config_files import (  # noqa: F401  (re-exported: configlib.load_config)
+    REPO_CONFIG_DIR,
+    ConfigFileError,
+    load_config,
+    resolve_config_path,
+)
 
 OBJECTIVES = ("diffusion", "sct", "scd", "dmd", "rcm")
 # Objectives with a generator and a fake-score critic (``scm_jax.train.step_dmd``), and those that
@@ -135,7 +140,6 @@ DMD_DEFAULTS: dict[str, Any] = {
     "regression_batch": 0,  # samples per step in the regression term; 0 = the whole batch
     "regression_pairs": 0,  # fixed pool of noises (DMD's paired set); 0 = fresh noise each step
 }
-REPO_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 def _coerce(key: str, raw: str, default: Any) -> Any:
@@ -185,41 +189,6 @@ def check_choice(name: str, value: Any, choices: Any) -> None:
     """Raise ValueError unless ``value`` is one of ``choices`` (message names both)."""
     if value not in choices:
         raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(map(str, choices))}")
-
-
-def resolve_config_path(path: str) -> Path:
-    """Find a config file: as given, else relative to the repository's ``configs/`` folder.
-
-    ``mnist`` and ``mnist.py`` are accepted as short forms of ``configs/mnist.py``.
-    """
-    candidates = [Path(path)]
-    name = Path(path).name if Path(path).suffix == ".py" else f"{Path(path).name}.py"
-    candidates.append(REPO_CONFIG_DIR / name)
-    for c in candidates:
-        if c.is_file():
-            return c
-    known = sorted(p.stem for p in REPO_CONFIG_DIR.glob("*.py") if not p.stem.startswith("_"))
-    raise FileNotFoundError(
-        f"config file {path!r} not found (also looked in {REPO_CONFIG_DIR}); "
-        f"available configs: {', '.join(known)}"
-    )
-
-
-def load_config(spec: str) -> ml_collections.ConfigDict:
-    """Load ``'path/to/config.py[:arg]'`` by calling its ``get_config(arg)``.
-
-    Returns the (locked) ConfigDict. Overrides are plain attribute assignments afterwards
-    (use ``with config.unlocked():`` to add fields), or ``--config.a.b=v`` on the command line.
-    """
-    path_str, _, arg = spec.partition(":")
-    path = resolve_config_path(path_str)
-    module_spec = importlib.util.spec_from_file_location(f"scm_jax_config_{path.stem}", path)
-    assert module_spec is not None and module_spec.loader is not None
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ValueError(f"{path} has no get_config(arg) function")
-    return module.get_config(arg or None)
 
 
 def unet_model(

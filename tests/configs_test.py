@@ -128,5 +128,5 @@ def test_bad_config_arguments_name_the_value(spec, match):
 
 
 def test_missing_config_file_lists_the_available_ones():
-    with pytest.raises(FileNotFoundError, match="available configs: cifar10, imagenet512"):
+    with pytest.raises(FileNotFoundError, match="configs: cifar10, imagenet512"):
         configlib.load_config("configs/imagenet1k.py")
