@@ -38,6 +38,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from scm_jax.files import write_json_atomic
+
 __all__ = [
     "OBJECTIVES",
     "PEAK_BF16_TFLOPS",
@@ -427,9 +429,7 @@ class Results:
 
     def write(self) -> None:
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.out.with_suffix(self.out.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1, default=_jsonable) + "\n")
-        tmp.replace(self.out)
+        write_json_atomic(self.out, self.data, indent=1, default=_jsonable)
 
 
 def _jsonable(v: Any) -> Any:

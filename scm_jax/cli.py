@@ -23,7 +23,8 @@
 
 Errors a user can cause (a bad config, a missing path, a wrong argument) print one message
 (``scm-jax <command>: error: ...``, one line per problem) without a traceback and exit with 2;
-a training run stopped by non-finite steps exits with 1, one stopped by a signal with 128 + its
+an output that could not be written (disk full, ...; the old file is left unchanged) and a
+training run stopped by non-finite steps exit with 1, one stopped by a signal with 128 + its
 number (docs/reliability.md lists the messages).
 """
 
@@ -40,6 +41,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from scm_jax import configlib
+from scm_jax.files import WriteError, check_output_file, check_output_folder
 
 
 class UsageError(Exception):
@@ -219,11 +221,20 @@ def cmd_config(config: ml_collections.ConfigDict, argv: Sequence[str]) -> int:
     return 0
 
 
+def _check_output(check: Callable[..., Path], path: str, flag: str) -> None:
+    """``scm_jax.files.check_output_*`` with its one-line ``ValueError`` as a usage error."""
+    try:
+        check(path, flag)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
 def cmd_train(config: ml_collections.ConfigDict, argv: Sequence[str]) -> int:
     """``scm-jax train``: train (or resume) the run of a config in a workdir."""
     parser = argparse.ArgumentParser(prog="scm-jax train", description=cmd_train.__doc__)
     parser.add_argument("--workdir", required=True, help="the run's folder (resumed if it exists)")
     args = parser.parse_args(argv)
+    _check_output(check_output_folder, args.workdir, "--workdir")  # before anything compiles
     from scm_jax import distributed  # imports jax: keep `--help` fast
     from scm_jax.train.checkpoint import CheckpointError
     from scm_jax.train.loop import train
@@ -283,8 +294,7 @@ def cmd_sample(config: ml_collections.ConfigDict, argv: Sequence[str]) -> int:
     out = Path(args.out)
     if out.suffix not in (".png", ".npz"):
         raise UsageError(f"--out {args.out!r}: use a .png (grid) or .npz file")
-    if not out.parent.is_dir():
-        raise UsageError(f"--out {args.out!r}: the folder {str(out.parent)!r} does not exist")
+    _check_output(check_output_file, args.out, "--out")  # a folder, read-only, no parent
     if args.num < 1 or args.steps < 1:
         raise UsageError(f"--num ({args.num}) and --steps ({args.steps}) must be >= 1")
     labels = parse_labels(args.labels)
@@ -417,7 +427,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         print(f"scm-jax {command}: error: {e}", file=sys.stderr)
         return 2
-    except CommandError as e:
+    except (CommandError, WriteError) as e:  # WriteError: nothing was replaced (one line)
         print(f"scm-jax {command}: error: {e}", file=sys.stderr)
         return 1
 

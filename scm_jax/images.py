@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from scm_jax.files import atomic_write
+
 
 def to_uint8(x: np.ndarray) -> np.ndarray:
     """Map floats in [-1, 1] to uint8 [0, 255]: round((x + 1) * 127.5), clipped; NaN -> 0.
@@ -76,7 +78,8 @@ def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Pillow infers 'L' / 'RGB' / 'RGBA' from a uint8 array's shape.
-    Image.fromarray(np.ascontiguousarray(image)).save(path, format="PNG")
+    with atomic_write(path) as f:  # an existing file is replaced whole or not at all
+        Image.fromarray(np.ascontiguousarray(image)).save(f, format="PNG")
 
 
 def save_grid(
@@ -107,5 +110,5 @@ def save_samples_npz(
         arrays["labels"] = labels.astype(np.int32) if labels.dtype.kind in "iub" else labels
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
+    with atomic_write(path) as f:  # an existing file is replaced whole or not at all
         np.savez(f, **arrays)

@@ -233,6 +233,34 @@ CASES: list[Case] = [
          "--at-step 3", "must lie between step 1 and the last snapshot's step 2"),
     # info
     case("info: bad --mesh", "info --config mnist --mesh data=x", "expected AXIS=SIZE pairs"),
+    # output paths (scm_jax.files: checked before any work; an existing file is never touched)
+    case("sample: --out is a folder", "sample --workdir {run} --out {dir_npz}",
+         "is a folder; give a file name"),
+    case("sample: --out is read-only", "sample --workdir {run} --out {readonly}",
+         "is read-only; choose another file or make it writable"),
+    case("sample: --out in a read-only folder", "sample --workdir {run} --out {ro_dir}/s.npz",
+         "the folder '{ro_dir}' is read-only"),
+    case("fid-stats: --out is read-only", "fid-stats --data mnist5k --out {readonly}",
+         "is read-only"),
+    case("eval: --json-out not .json", "eval --workdir {run} --ref {tmp}/ref.npz "
+         "--json-out {tmp}/e.txt", "the results are written as a .json file"),
+    case("eval: --json-out is a folder", "eval --workdir {run} --ref {tmp}/ref.npz "
+         "--json-out {dir_json}", "is a folder; give a file name"),
+    case("export: --out in a read-only folder", "export --workdir {run} --to safetensors "
+         "--out {ro_dir}/e", "the folder '{ro_dir}' is read-only"),
+    case("phema: --out is a file", "phema --workdir {snaps} --sigma-rel 0.05 --out {points3}",
+         "is a file; give a folder"),
+    case("train: empty --workdir", "train --config toy_gmm:smoke --workdir=",
+         "--workdir '': give a folder"),
+    case("train: --workdir is a file", "train --config toy_gmm:smoke --workdir {points3}",
+         "is a file; give a folder"),
+    # empty datasets
+    case("dataset file of 0 examples", f"train --config toy_gmm:smoke {TOY_NPZ}{{empty_npz}} "
+         "--workdir {tmp}/x", "holds no examples ('x' has shape (0, 2))"),
+    case("dataset file of 0 bytes", f"train --config toy_gmm:smoke {TOY_NPZ}{{zero_bytes}} "
+         "--workdir {tmp}/x", "is empty (0 bytes)"),
+    case("empty image folder", "train --config cifar10:smoke --config.dataset.source=image_folder "
+         "--config.dataset.path={empty_dir} --workdir {tmp}/x", "holds no .png/.jpg/.jpeg files"),
 ]  # fmt: skip
 
 
@@ -241,7 +269,9 @@ def make_fixtures(root: Path) -> dict[str, Path]:
     it without its config.json and with every checkpoint truncated, folders whose config.json
     is a toy / an MNIST diffusion run, a safetensors export with its weights file corrupted, a
     pickle, .npz files of NaN and of 3-d points, and the run's config with EMA snapshots at
-    steps 1 and 2 (``snaps``) or at step 1 alone (``snap1``)."""
+    steps 1 and 2 (``snaps``) or at step 1 alone (``snap1``); folders named like files
+    (``dir_npz``, ``dir_json``), a read-only file and folder, an .npz of 0 examples, a file of
+    0 bytes and an empty image folder."""
     from scm_jax import configlib
     from scm_jax.train.loop import train
     from scm_jax.train.workdir import prepare_workdir
@@ -250,7 +280,11 @@ def make_fixtures(root: Path) -> dict[str, Path]:
              "damaged": root / "damaged", "toy_teacher": root / "toy_teacher",
              "nan": root / "nan.npz", "points3": root / "points3.npz", "pickle": root / "a.pkl",
              "corrupt_export": root / "corrupt_export", "snaps": root / "snaps",
-             "snap1": root / "snap1", "mnist_teacher": root / "mnist_teacher"}  # fmt: skip
+             "snap1": root / "snap1", "mnist_teacher": root / "mnist_teacher",
+             "dir_npz": root / "dir.npz", "dir_json": root / "dir.json",
+             "readonly": root / "readonly.npz", "ro_dir": root / "ro_dir",
+             "empty_npz": root / "empty.npz", "zero_bytes": root / "zero.npz",
+             "empty_dir": root / "empty_images"}  # fmt: skip
     cfg = configlib.load_config("toy_gmm:smoke")
     with cfg.unlocked():
         cfg.dataset.source = "synthetic"
@@ -285,6 +319,13 @@ def make_fixtures(root: Path) -> dict[str, Path]:
             write_snapshot(paths[name], s, 8, {"power_0.100": net}, {"power_0.100": 0.1})
     np.savez(paths["nan"], x=np.full((16, 2), np.nan, np.float32))
     np.savez(paths["points3"], x=np.zeros((16, 3), np.float32))
+    for name in ("dir_npz", "dir_json", "ro_dir", "empty_dir"):
+        paths[name].mkdir()
+    paths["readonly"].write_bytes(b"an earlier output")
+    os.chmod(paths["readonly"], 0o444)  # read-only for root too (scm_jax.files checks the bits)
+    os.chmod(paths["ro_dir"], 0o555)
+    np.savez(paths["empty_npz"], x=np.zeros((0, 2), np.float32))
+    paths["zero_bytes"].write_bytes(b"")
     return paths
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import zipfile
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -138,11 +139,19 @@ def load_npz(path: str | Path, x_key: str = "x", label_key: str = "labels") -> A
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"dataset file {str(path)!r} does not exist")
-    with np.load(path) as f:
-        if x_key not in f:
-            raise ValueError(f"{path} has no array {x_key!r}; it holds {sorted(f.files)}")
-        x = f[x_key]
-        labels = f[label_key] if label_key in f else None
+    if path.stat().st_size == 0:
+        raise ValueError(f"dataset file {str(path)!r} is empty (0 bytes); give an .npz of examples")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if x_key not in f:
+                raise ValueError(f"{path} has no array {x_key!r}; it holds {sorted(f.files)}")
+            x = f[x_key]
+            labels = f[label_key] if label_key in f else None
+    except (EOFError, OSError, zipfile.BadZipFile) as e:
+        raise ValueError(f"dataset file {str(path)!r} is not a readable .npz ({e})") from None
+    if x.ndim >= 1 and len(x) == 0:
+        raise ValueError(f"dataset file {str(path)!r} holds no examples ({x_key!r} has shape "
+                         f"{x.shape}); give an .npz with at least one")  # fmt: skip
     return ArrayDataset(x, labels)
 
 

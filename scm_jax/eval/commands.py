@@ -31,6 +31,7 @@ import numpy as np
 
 from scm_jax.eval import consistency as cons
 from scm_jax.eval.inception import DEFAULT_RESIZE, RESIZE_METHODS
+from scm_jax.files import check_output_file
 
 SPEC_HELP = (
     "folder or .tar/.tar.gz of <split>/<class>/*.png|jpg (or <class>/*), FILE.npz (x: uint8 "
@@ -176,6 +177,7 @@ def fid_stats_main(argv: Sequence[str]) -> int:
     out = Path(args.out)
     if out.suffix != ".npz":
         raise ValueError(f"--out {args.out}: statistics are written as an .npz file")
+    check_output_file(out, make_parents=True)  # before the slow work: a folder, read-only
     check_data_spec(args.data)
     ref = fid.load_stats(args.ref) if args.ref else None  # a bad --ref fails before the work
     extractor = features.load_extractor(args.inception, args.resize, args.convention)
@@ -242,6 +244,11 @@ def eval_main(argv: Sequence[str]) -> int:
     parser.add_argument("--json-out", help="also write the JSON here")
     _common_options(parser)
     args = parser.parse_args(argv)
+    if args.json_out is not None:
+        if Path(args.json_out).suffix != ".json":
+            raise ValueError(f"--json-out {args.json_out!r}: the results are written as a .json "
+                             "file")  # fmt: skip
+        check_output_file(args.json_out, "--json-out", make_parents=True)
     if args.consistency:
         given = [o for o, v in (("--ref", args.ref), ("--steps", args.steps),
                                 ("--teacher-nfe", args.teacher_nfe)) if v]  # fmt: skip

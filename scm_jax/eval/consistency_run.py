@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -27,6 +26,7 @@ from jax.sharding import Mesh
 
 from scm_jax import trigflow
 from scm_jax.eval import consistency as cons
+from scm_jax.files import atomic_write
 from scm_jax.guidance import ApplyFn
 
 REF_FILE = "consistency_ref.npz"
@@ -225,9 +225,8 @@ def load_reference(path: Path, key: Mapping[str, Any]) -> tuple[dict | None, str
 def save_reference(path: Path, key: Mapping[str, Any], ref: Mapping[str, np.ndarray]) -> None:
     """Write the cache atomically (a temporary file in the same folder, then a rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, key=np.asarray(json.dumps(dict(key), sort_keys=True)), **ref)
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        np.savez(f, key=np.asarray(json.dumps(dict(key), sort_keys=True)), **ref)
 
 
 class Probe:

@@ -39,6 +39,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from scm_jax.eval.npz import read_npz
+from scm_jax.files import atomic_write
 
 Array = jax.Array
 StatsTuple = tuple[np.ndarray, np.ndarray, int | None, dict]
@@ -274,8 +275,7 @@ def save_stats(path: str | os.PathLike, mu: Any, sigma: Any, n: int | None, meta
     mu, sigma = _check_stats(mu, sigma, f"statistics for {path}")
     meta = {"format": STATS_FORMAT, "format_version": STATS_FORMAT_VERSION, **meta}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_write(path) as f:
         np.savez(
             f,
             mu=mu,
@@ -283,7 +283,6 @@ def save_stats(path: str | os.PathLike, mu: Any, sigma: Any, n: int | None, meta
             n=np.array(-1 if n is None else int(n), np.int64),
             **{META_KEY: np.array(json.dumps(meta, sort_keys=True))},
         )
-    os.replace(tmp, path)
     return path
 
 

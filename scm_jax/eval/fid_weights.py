@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from scm_jax.files import check_output_folder
+
 WEIGHTS_FILENAME = "inception_fid.npz"  # = scm_jax.eval.inception.WEIGHTS_FILENAME
 TORCHSCRIPT = "torchscript-stylegan3"
 PYTORCH_FID = "pytorch-fid"
@@ -331,6 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
     out = Path(args.out) / WEIGHTS_FILENAME
     try:
+        check_output_folder(args.out)
         r = convert(args.src, out)
     except (FileNotFoundError, ImportError, ValueError) as e:
         print(f"scm-jax fid-weights: error: {e}", file=sys.stderr)

@@ -49,6 +49,7 @@ from flax import traverse_util
 
 from scm_jax.eval.inception_net import FEATURE_DIM, MIN_SIZE, InceptionV3
 from scm_jax.eval.npz import read_npz
+from scm_jax.files import atomic_write
 
 Array = jax.Array
 Params = Mapping[str, Any]
@@ -218,10 +219,8 @@ def save_inception(path: str | os.PathLike, flat: Mapping[str, np.ndarray], meta
     arrays = {k: np.ascontiguousarray(v, np.float32) for k, v in flat.items()}
     arrays[META_KEY] = np.array(json.dumps(meta, sort_keys=True))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_write(path) as f:
         np.savez(f, **arrays)
-    os.replace(tmp, path)
     return path
 
 

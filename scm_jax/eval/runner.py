@@ -11,7 +11,6 @@ featurised through ``scm_jax.eval.features.FeaturePipeline`` like a dataset's im
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -40,6 +39,7 @@ from scm_jax.eval.features import (
     load_extractor,
 )
 from scm_jax.eval.inception import DEFAULT_RESIZE
+from scm_jax.files import write_json_atomic
 from scm_jax.sharding import make_mesh
 
 
@@ -321,10 +321,8 @@ def evaluate(
 
 
 def write_json(path: str | os.PathLike, result: dict) -> Path:
-    """Write ``result`` as indented JSON (parent folders created, atomic rename)."""
+    """Write ``result`` as indented JSON (parent folders created; ``scm_jax.files``: replaced
+    whole or not at all)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_json_atomic(path, result, indent=2)

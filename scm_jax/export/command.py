@@ -14,12 +14,13 @@ functions checked bit-exact after a round trip.
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from scm_jax.files import check_output_folder, write_bytes_atomic
 
 FORMATS = ("safetensors", "torch", "onnx", "stablehlo")
 TORCH_HINT = "pip install 'scm-jax[torch]'"
@@ -61,14 +62,7 @@ def check_out_dir(out: Path) -> None:
             f"--out {str(out)!r} is a folder with other files; use a new folder "
             "(an earlier export there would be replaced)"
         )
-    parent = out
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(
-            f"--out {str(out)!r} is not writable ({str(parent)!r} is "
-            f"{'not a folder' if not parent.is_dir() else 'read-only'})"
-        )
+    check_output_folder(out)  # not a file, under a writable folder
 
 
 def load_source(path: str | Path, *, ema: str | None, step: int | None) -> tuple[Any, dict]:
@@ -152,7 +146,7 @@ def write_stablehlo(out: Path, params: Any, cfg: dict) -> list[str]:
     rng = np.random.default_rng(0)
     for fname, exp in jobs:
         data = stablehlo.serialize(exp)
-        (out / fname).write_bytes(data)
+        write_bytes_atomic(out / fname, data)
         back = stablehlo.deserialize((out / fname).read_bytes())
         args = [
             np.asarray(

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from scm_jax.export.state_dict import load_safetensors, save_safetensors, to_state_dict
+from scm_jax.files import WriteError, write_json_atomic
 
 EXPORT_FORMAT = "scm-jax-export"
 FORMAT_VERSION = 1
@@ -101,9 +102,9 @@ def save_export(out: str | Path, params: Mapping[str, Any], config: Mapping[str,
     try:
         out.mkdir(parents=True, exist_ok=True)
         save_safetensors(out / WEIGHTS_FILE, to_state_dict(params))
-        tmp = out / f".{CONFIG_FILE}.tmp"
-        tmp.write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
-        tmp.replace(out / CONFIG_FILE)
+        write_json_atomic(out / CONFIG_FILE, dict(config), indent=2, sort_keys=True)
+    except WriteError:  # one line already: 'could not write P: ...; P was left unchanged'
+        raise
     except OSError as e:
         raise ValueError(f"cannot write the export to {str(out)!r}: {e.strerror or e}") from None
     return out

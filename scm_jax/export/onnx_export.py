@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from scm_jax.files import staged_files
+
 INSTALL_HINT = "pip install 'scm-jax[torch,export]'"
 OPSET = 18
 
@@ -119,26 +121,30 @@ def export_onnx(
         main = [k for k in example if k not in names]  # *cond is one nested entry
         dyn = (*({1 if k == "noise" else 0: batch} for k in main), tuple({0: batch} for _ in names))
         args = tuple(torch.from_numpy(v) for v in example.values())
-        with _quiet_exporter():
-            torch.onnx.export(
-                module,
-                args,
-                str(out_dir / fname),
-                dynamo=True,
-                opset_version=OPSET,
-                input_names=[*inputs, *names],
-                output_names=outputs,
-                dynamic_shapes=dyn,
-                verbose=False,
-            )
-        check = {**make(3), **_cond_inputs(net, 3, rng)}
-        session = ort.InferenceSession(str(out_dir / fname), providers=["CPUExecutionProvider"])
-        got = session.run(None, check)[0]
-        with torch.no_grad():
-            want = module(*(torch.from_numpy(v) for v in check.values())).numpy()
-        err = float(np.abs(got - want).max())
-        if not err <= 1e-4 * max(1.0, float(np.abs(want).max())):
-            raise ValueError(f"{fname}: ONNX Runtime differs from PyTorch by {err:.3g}")
+        # Written (with its .data) in a staging folder beside the destination and checked
+        # there; renamed into place only if it passes.
+        with staged_files(out_dir, last=(fname,)) as stage:
+            tmp = stage / fname
+            with _quiet_exporter():
+                torch.onnx.export(
+                    module,
+                    args,
+                    str(tmp),
+                    dynamo=True,
+                    opset_version=OPSET,
+                    input_names=[*inputs, *names],
+                    output_names=outputs,
+                    dynamic_shapes=dyn,
+                    verbose=False,
+                )
+            check = {**make(3), **_cond_inputs(net, 3, rng)}
+            session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+            got = session.run(None, check)[0]
+            with torch.no_grad():
+                want = module(*(torch.from_numpy(v) for v in check.values())).numpy()
+            err = float(np.abs(got - want).max())
+            if not err <= 1e-4 * max(1.0, float(np.abs(want).max())):
+                raise ValueError(f"{fname}: ONNX Runtime differs from PyTorch by {err:.3g}")
         errors[fname] = err
     return errors
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -30,6 +29,7 @@ import numpy as np
 
 from scm_jax.export.command import check_out_dir
 from scm_jax.export.files import export_config, is_export, save_export
+from scm_jax.files import check_output_folder, replace_folder, temp_name
 from scm_jax.train.snapshots import Snapshot, read_snapshot, snapshot_dir, snapshot_path
 from scm_jax.train.snapshots import snapshot_steps as list_steps
 
@@ -224,21 +224,12 @@ def reconstruct(
                                "coefficient": float(sol.coefficients[e, j])}
                               for e, (i, name) in enumerate(entries)],
             }  # fmt: skip
-            tmp = d.with_name(f".{d.name}.tmp-{os.getpid()}")
+            tmp = temp_name(d)  # a hidden folder beside d, swapped in once all are written
             temps.append(tmp)
             shutil.rmtree(tmp, ignore_errors=True)
             save_export(tmp, p, cfg)
         for d, tmp in zip(dirs, temps, strict=True):  # the earlier export (if any) replaced
-            old = d.with_name(f".{d.name}.old-{os.getpid()}")
-            if d.exists():
-                d.rename(old)
-            try:
-                tmp.rename(d)
-            except OSError:
-                if old.exists():
-                    old.rename(d)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
+            replace_folder(tmp, d)
     finally:
         for tmp in temps:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -260,6 +251,8 @@ def phema_main(argv: Sequence[str]) -> int:
     parser.add_argument("--out", help="folder of the phema_<sigma_rel>/ exports "
                         "(default: WORKDIR/phema)")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.out is not None:
+        check_output_folder(args.out)
     sigma_rel = parse_sigma_rel(args.sigma_rel)
     dirs = reconstruct(args.workdir, sigma_rel, at_step=args.at_step, at_kimg=args.at_kimg,
                        out=args.out)  # fmt: skip

@@ -11,12 +11,13 @@ export needs neither torch nor jax.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from scm_jax.files import atomic_path
 
 # safetensors metadata: "pt" tells PyTorch tooling (transformers, diffusers) the layout is theirs.
 METADATA = {"format": "pt", "producer": "scm-jax"}
@@ -108,13 +109,8 @@ def save_safetensors(
     (``metadata``: more header entries besides :data:`METADATA`)."""
     from safetensors.numpy import save_file
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(dict(state), str(tmp), metadata={**METADATA, **(metadata or {})})
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates it 0600; give it the usual permissions
-    tmp.replace(path)
+    with atomic_path(path) as tmp:  # the usual permissions, not safetensors' 0600
+        save_file(dict(state), str(tmp), metadata={**METADATA, **(metadata or {})})
 
 
 def load_safetensors(path: str | Path) -> dict[str, np.ndarray]:

@@ -175,7 +175,7 @@ class SnapshotWriter:
         (main process only; what every process does next depends on no file, so all of them
         take part in the same gathers)."""
         if self.is_main and snapshot_dir(self.workdir).is_dir():
-            for tmp in snapshot_dir(self.workdir).glob(".*.safetensors.tmp"):
+            for tmp in snapshot_dir(self.workdir).glob(".*.tmp"):
                 tmp.unlink()
             later = [s for s in snapshot_steps(self.workdir) if s > step]
             for s in later:

@@ -84,9 +84,9 @@ def identity_diff(
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON to ``path`` via a temporary file and a rename (never a half-written file)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    from scm_jax.files import write_json_atomic as write  # the one implementation
+
+    write(path, obj, indent=2, sort_keys=True)
 
 
 def load_run_config(workdir: str | Path) -> dict[str, Any]:
