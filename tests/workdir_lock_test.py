@@ -23,7 +23,7 @@ from train_test import smoke_config
 
 from scm_jax.train import lock as lock_lib
 from scm_jax.train.checkpoint import Checkpointer
-from scm_jax.train.lock import LOCK_FILE, WorkdirInUseError, WorkdirLock
+from scm_jax.train.lock import LOCK_FILE, WorkdirInUseError, WorkdirLock, WorkdirLockError
 from scm_jax.train.loop import train
 from scm_jax.train.writers import DROPPED_FILE, METRICS_FILE, drop_rows_after, read_metrics
 
@@ -68,6 +68,14 @@ def test_lock_is_held_then_released_and_a_new_folder_removed(tmp_path):
     with WorkdirLock(work, log=lines.append):
         pass
     assert sorted(os.listdir(work)) == ["keep"] and lines == []  # a clean exit: no .lock left
+
+
+def test_a_workdir_that_cannot_be_made_is_one_clear_error(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(WorkdirLockError) as e:
+        WorkdirLock(tmp_path / "file" / "run").acquire()
+    assert str(e.value).startswith(f"cannot create or lock the workdir {tmp_path}/file/run: ")
+    assert isinstance(e.value, ValueError) and "\n" not in str(e.value)
 
 
 def test_disabled_lock_takes_nothing(tmp_path):

@@ -52,15 +52,21 @@ LOCK_FILE = ".lock"
 UNSUPPORTED = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}  # flock not available
 
 
-class WorkdirInUseError(ValueError):
+class WorkdirLockError(ValueError):
+    """The workdir cannot be created or locked (``scm-jax train`` prints one line, exit 2)."""
+
+
+class WorkdirInUseError(WorkdirLockError):
     """Another trainer holds the workdir (``scm-jax train`` prints it as one line, exit 2)."""
 
 
 def this_command() -> str:
     """The command line of this process, as a user would type it (``scm-jax train ...``)."""
     name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
-    if name in ("__main__.py", "-m", "-c"):
+    if name in ("__main__.py", "-m"):
         name = "scm-jax"
+    elif name == "-c":
+        name = "python -c"
     return shlex.join([name, *sys.argv[1:]])
 
 
@@ -116,6 +122,7 @@ class WorkdirLock:
       enabled: False for the non-coordinator processes of a multi-host run (no lock).
       command: the command recorded in the lock (default: this process's command line).
     Raises (on entering / :meth:`acquire`):
+      WorkdirLockError: the folder cannot be created or the lock file written.
       WorkdirInUseError: another live trainer holds the lock, or (plain lock file only) a lock of
         another host whose liveness cannot be checked.
     """
@@ -177,6 +184,15 @@ class WorkdirLock:
         """Take the lock (see the class); returns self."""
         if not self.enabled or self._fd is not None:
             return self
+        try:
+            return self._acquire()
+        except OSError as e:  # not a folder, no permission, a full disk ...
+            raise WorkdirLockError(
+                f"cannot create or lock the workdir {self.workdir}: "
+                f"{e.strerror or e} ({e.filename or self.path})"
+            ) from None
+
+    def _acquire(self) -> WorkdirLock:
         self._make_workdir()
         try:
             while True:  # until the locked file is the one at .lock (a holder may delete it)
