@@ -6,10 +6,11 @@ workdir's latest checkpoint, data position and RNG included), then steps a jitte
 update, logging metrics, writing sample grids and checkpoints at the config's intervals (in
 images; post-hoc EMA snapshots with ``ema.snapshot_every_kimg``, ``scm_jax.train.snapshots``).
 The config is validated first (``scm_jax.validate``: every problem at once, before
-anything is compiled or loaded). SIGTERM / SIGINT (and JAX's preemption notices on multi-host
-runs) stop it after the current step with a checkpoint, so a preempted job resumes exactly where
-it stopped; a run of ``train.max_consecutive_nonfinite`` skipped (non-finite) steps stops it with
-a checkpoint and :class:`~scm_jax.train.stopping.NonfiniteStepsError`
+anything is compiled or loaded), then the workdir is locked (one trainer per workdir:
+``scm_jax.train.lock``). SIGTERM / SIGINT (and JAX's preemption notices on multi-host runs)
+stop it after the current step with a checkpoint, so a preempted job resumes exactly where it
+stopped; a run of ``train.max_consecutive_nonfinite`` skipped (non-finite) steps stops it with a
+checkpoint and :class:`~scm_jax.train.stopping.NonfiniteStepsError`
 (``scm_jax.train.stopping``). A damaged newest checkpoint is set aside and the run resumes from
 the previous one (``scm_jax.train.checkpoint``).
 """
@@ -40,6 +41,7 @@ from scm_jax.train import metrics as metrics_lib
 from scm_jax.train.aot import state_fn, train_step_from_config
 from scm_jax.train.checkpoint import Checkpointer
 from scm_jax.train.evals import PeriodicConsistency, PeriodicEval
+from scm_jax.train.lock import WorkdirLock, is_coordinator
 from scm_jax.train.previews import write_previews
 from scm_jax.train.progress import Progress, emit
 from scm_jax.train.snapshots import SnapshotWriter
@@ -126,11 +128,18 @@ def train(
     Raises:
       ValueError (``scm_jax.validate.ConfigError``: every problem of the config, one line each)
       / FileNotFoundError / CheckpointError with a clear message for a bad config, missing data
-      or teacher, a workdir holding another run or no readable checkpoint; nothing is
-      overwritten then. NonfiniteStepsError after ``train.max_consecutive_nonfinite`` skipped
-      steps in a row (a checkpoint of the last good parameters is written first).
+      or teacher, a workdir holding another run or no readable checkpoint, or one in use by
+      another trainer (``WorkdirInUseError``, ``scm_jax.train.lock``); nothing is overwritten.
+      NonfiniteStepsError after ``train.max_consecutive_nonfinite`` skipped steps in a row (a
+      checkpoint of the last good parameters is written first).
     """
     validate(config)  # before anything is built, compiled or loaded
+    with WorkdirLock(workdir, log=log, enabled=is_coordinator()):  # before any other work
+        return _train(config, workdir, log)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable) -> dict:
+    """:func:`train` with the validated config, holding the workdir's lock."""
     config = config_durations.resolve_durations(config)  # warm-up, DMD start in steps; EMA in kimg
     workdir = Path(workdir)
     t_start = time.time()
@@ -291,7 +300,7 @@ def train(
     )
     if teacher is not None:
         log(f"teacher: {teacher.source}")
-    writers = create_writers(workdir, is_main_process=is_main)
+    writers = create_writers(workdir, is_main_process=is_main, start_step=start)  # drops redone
     progress = Progress(total_steps, start_step=start, batch_size=config.batch_size, print_fn=log)
     samples: list[str] = []
     last: dict[str, float] = {}

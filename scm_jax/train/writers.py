@@ -3,8 +3,10 @@
 ``clu.metric_writers`` imports TensorFlow, so the training loop uses these instead. Layout of a
 work directory written by :func:`create_writers`::
 
-    workdir/metrics.jsonl    one JSON object per write_scalars call (appended across resumes)
-    workdir/tensorboard/     tensorboardX event files (scalars, images, text)
+    workdir/metrics.jsonl          one JSON object per write_scalars call (appended across
+                                   resumes; each step once, see :func:`drop_rows_after`)
+    workdir/metrics.dropped.jsonl  rows of interrupted runs that a resume redid (a copy)
+    workdir/tensorboard/           tensorboardX event files (scalars, images, text)
 
 JSON lines: every line is ``{"step": int, "time": unix seconds, name: value, ...}``. Non-finite
 floats are written as the strings ``"nan"``, ``"inf"`` and ``"-inf"`` (strict JSON has no
@@ -27,6 +29,7 @@ from typing import Any
 import numpy as np
 
 METRICS_FILE = "metrics.jsonl"
+DROPPED_FILE = "metrics.dropped.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
 _NONFINITE_TOKENS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
@@ -85,10 +88,10 @@ def _json_value(name: str, value: Any) -> int | float | bool | str:
 class JsonlWriter(Writer):
     """Appends one JSON object per :meth:`write_scalars` call to ``path``, flushed at once.
 
-    The file is opened in append mode, so a resumed run continues it (steps after the restored
-    checkpoint may then appear twice; readers should keep the last). A line torn by a crash is
-    terminated on reopening so that the following lines stay valid. Flushing after every line
-    survives a process crash (not a power cut: there is no fsync).
+    The file is opened in append mode, so a resumed run continues it (the training loop first
+    drops the rows after the restored checkpoint: :func:`drop_rows_after`). A line torn by a
+    crash is terminated on reopening so that the following lines stay valid. Flushing after every
+    line survives a process crash (not a power cut: there is no fsync).
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -158,10 +161,51 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     return records
 
 
+def drop_rows_after(path: str | os.PathLike, step: int) -> int:
+    """Remove the rows with ``"step" > step`` from a ``metrics.jsonl`` before a run resumed at
+    ``step`` appends to it, so that the file holds each step once, in order.
+
+    The rows are those an interrupted run wrote after its last checkpoint; the resumed run
+    redoes those steps. They are appended (as they were) to ``metrics.dropped.jsonl`` beside it,
+    for a post-mortem of the interrupted run; nothing reads that file. ``metrics.jsonl`` is
+    rewritten atomically (a temporary file and ``os.replace``): a crash leaves the old or the
+    new file, never a mix. Undecodable lines (torn by a crash) are dropped too; blank ones
+    vanish. Returns the number of rows dropped (0: the file is left untouched; also when it
+    does not exist).
+    """
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    keep, dropped = [], []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                row_step = json.loads(line)["step"]
+                ok = int(row_step) <= step
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                ok = False
+            (keep if ok else dropped).append(line if line.endswith("\n") else line + "\n")
+    if not dropped:
+        return 0
+    with open(path.with_name(DROPPED_FILE), "a", encoding="utf-8") as f:
+        f.writelines(dropped)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(keep)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return len(dropped)
+
+
 class TensorBoardWriter(Writer):
     """TensorBoard event files through tensorboardX (imported here, not at module import)."""
 
-    def __init__(self, logdir: str | os.PathLike) -> None:
+    def __init__(self, logdir: str | os.PathLike, *, purge_step: int | None = None) -> None:
+        """``purge_step``: TensorBoard hides the events of earlier files at steps >= it (a
+        resumed run's restart marker; tensorboardX ``SummaryWriter(purge_step=...)``)."""
         try:
             from tensorboardX import SummaryWriter
         except ImportError as e:  # pragma: no cover - tensorboardX is a declared dependency
@@ -171,7 +215,7 @@ class TensorBoardWriter(Writer):
             ) from e
         self.logdir = Path(logdir)
         self.logdir.mkdir(parents=True, exist_ok=True)
-        self._writer = SummaryWriter(logdir=str(self.logdir))
+        self._writer = SummaryWriter(logdir=str(self.logdir), purge_step=purge_step)
         self._closed = False
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
@@ -240,14 +284,24 @@ class MultiWriter(Writer):
 
 
 def create_writers(
-    workdir: str | os.PathLike, *, tensorboard: bool = True, is_main_process: bool = True
-) -> MultiWriter:
+    workdir: str | os.PathLike, *, tensorboard: bool = True, is_main_process: bool = True,
+    start_step: int | None = None,
+) -> MultiWriter:  # fmt: skip
     """The training loop's writers: ``workdir/metrics.jsonl`` plus, with ``tensorboard``,
-    ``workdir/tensorboard/``. Non-main processes get an empty (no-op) MultiWriter."""
+    ``workdir/tensorboard/``. Non-main processes get an empty (no-op) MultiWriter.
+
+    ``start_step``: the step the run starts (or resumes) at; rows logged after it by an
+    earlier, interrupted run are dropped first (:func:`drop_rows_after`), and TensorBoard is
+    told to hide the earlier event files' steps after it (``purge_step``; event files are
+    append-only, so they are never rewritten)."""
     if not is_main_process:
         return MultiWriter()
     workdir = Path(workdir)
+    if start_step is not None:
+        drop_rows_after(workdir / METRICS_FILE, start_step)
     writers: list[Writer] = [JsonlWriter(workdir / METRICS_FILE)]
     if tensorboard:
-        writers.append(TensorBoardWriter(workdir / TENSORBOARD_DIR))
+        tb = workdir / TENSORBOARD_DIR
+        earlier = start_step is not None and tb.is_dir() and any(tb.iterdir())
+        writers.append(TensorBoardWriter(tb, purge_step=start_step + 1 if earlier else None))
     return MultiWriter(writers)
