@@ -310,13 +310,13 @@ def cmd_sample(config: ml_collections.ConfigDict, argv: Sequence[str]) -> int:
 
     try:
         sampler = load_sampler(args.workdir, ema=args.ema)
+        if out.suffix == ".png" and len(sampler.shape) != 3:
+            raise UsageError("this model makes points, not images: use --out FILE.npz")
         x = sampler.sample(args.seed, args.num, steps=args.steps, labels=labels,
                            guidance=args.guidance)  # fmt: skip
     except (ValueError, FileNotFoundError, CheckpointError) as e:
         raise UsageError(str(e)) from None
     if out.suffix == ".png":
-        if len(sampler.shape) != 3:
-            raise UsageError("this model makes points, not images: use --out FILE.npz")
         images.save_grid(out, x)
     else:
         y = None if labels is None else np.asarray(labels, np.int32)

@@ -19,6 +19,7 @@ EDM Heun steps of the PF-ODE sampler (2 steps - 1 network evaluations each).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -212,6 +213,7 @@ class Sampler:
         """
         if num < 1 or steps < 1:
             raise ValueError(f"num and steps must be >= 1, got num={num}, steps={steps}")
+        check_fits_in_memory(num, self.shape)
         key = jax.random.key(rng) if isinstance(rng, int | np.integer) else rng
         y = self._labels(labels, num)
         b = min(self.batch_size, num)
@@ -226,6 +228,32 @@ class Sampler:
         outs.append(np.asarray(pending[0][: pending[1]], np.float32))
         out = np.concatenate(outs)
         return np.clip(out, -1.0, 1.0) if len(self.shape) == 3 else out
+
+
+def available_memory_bytes() -> int | None:
+    """The host memory available to new allocations (Linux ``MemAvailable``), or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_fits_in_memory(num: int, shape: tuple[int, ...]) -> None:
+    """Raise ValueError when ``num`` float32 samples of ``shape`` (twice: the batches and their
+    concatenation) exceed the host's available memory, before any sampling starts."""
+    need = 2 * 4 * num * math.prod(shape)
+    have = available_memory_bytes()
+    if have is not None and need > have:
+        per = 4 * math.prod(shape)
+        raise ValueError(
+            f"{num} samples of shape {tuple(shape)} need about {need / 2**30:.1f} GiB of host "
+            f"memory and {have / 2**30:.1f} GiB are available; ask for at most "
+            f"{max(have // (2 * per), 1)} at a time (--num) and run several --seed values"
+        )
 
 
 def _decoded(fn: Any, scale: DataScale) -> Any:

@@ -50,6 +50,7 @@ class Case:
     code: int = 2
     subprocess: bool = False
     mask: tuple[str, ...] = ()
+    elide: tuple[tuple[str, str], ...] = ()  # (regex, what the docs show instead)
 
 
 def case(name: str, args: str, expect: str, **kw) -> Case:
@@ -261,7 +262,31 @@ CASES: list[Case] = [
          "--workdir {tmp}/x", "is empty (0 bytes)"),
     case("empty image folder", "train --config cifar10:smoke --config.dataset.source=image_folder "
          "--config.dataset.path={empty_dir} --workdir {tmp}/x", "holds no .png/.jpg/.jpeg files"),
+    case("sample: --num beyond the host's memory", "sample --workdir {run} --num 1000000000000 "
+         "--out {tmp}/s.npz", "samples of shape (2,) need about 14901.2 GiB of host memory",
+         elide=((r"and [\d.]+ GiB are available; ask for at most \d+",
+                 "and … GiB are available; ask for at most …"),)),
+    # config files (scm_jax.config_files: used exactly as given; failures in one line)
+    case("config path that does not exist", "train --config {tmp}/some/dir/toy_gmm.py "
+         "--workdir {tmp}/x", "not found (looked for {tmp}/some/dir/toy_gmm.py)"),
+    case("config path that is a folder", "train --config {cfg_folder} --workdir {tmp}/x",
+         "is a folder, not a config file"),
+    case("config file with a syntax error", "config --config {cfg_syntax}",
+         "line 2: the config file failed to load: SyntaxError", subprocess=True),
+    case("config file with a missing import", "config --config {cfg_import}",
+         "line 1: the config file failed to load: ModuleNotFoundError"),
+    case("get_config raises", "config --config {cfg_raises}",
+         "line 3: get_config(None) failed: RuntimeError: boom"),
+    case("get_config returns None", "config --config {cfg_none}",
+         "returned NoneType, not an ml_collections.ConfigDict"),
+    # one trainer per workdir (scm_jax.train.lock; the fixture holds the lock)
+    case("workdir in use by another trainer", "train --config toy_gmm:smoke --workdir {locked}",
+         "wait for it to finish or use another --workdir",
+         elide=((r"pid \d+ on host \S+ \(since [^,]+,", "pid … on host … (since …,"),)),
+    case("workdir under a file", "train --config toy_gmm:smoke --workdir {points3}/run",
+         "is a file, not a folder"),
 ]  # fmt: skip
+_HELD_LOCKS: list = []  # the fixture's lock of {locked}, held while the cases run
 
 
 def make_fixtures(root: Path) -> dict[str, Path]:
@@ -271,7 +296,8 @@ def make_fixtures(root: Path) -> dict[str, Path]:
     pickle, .npz files of NaN and of 3-d points, and the run's config with EMA snapshots at
     steps 1 and 2 (``snaps``) or at step 1 alone (``snap1``); folders named like files
     (``dir_npz``, ``dir_json``), a read-only file and folder, an .npz of 0 examples, a file of
-    0 bytes and an empty image folder."""
+    0 bytes and an empty image folder; config files that fail in four ways and a folder named
+    like one; a workdir whose lock this process holds (``locked``)."""
     from scm_jax import configlib
     from scm_jax.train.loop import train
     from scm_jax.train.workdir import prepare_workdir
@@ -284,7 +310,10 @@ def make_fixtures(root: Path) -> dict[str, Path]:
              "dir_npz": root / "dir.npz", "dir_json": root / "dir.json",
              "readonly": root / "readonly.npz", "ro_dir": root / "ro_dir",
              "empty_npz": root / "empty.npz", "zero_bytes": root / "zero.npz",
-             "empty_dir": root / "empty_images"}  # fmt: skip
+             "empty_dir": root / "empty_images", "cfg_folder": root / "cfgs" / "toy_gmm.py",
+             "cfg_syntax": root / "syntax.py", "cfg_import": root / "imports.py",
+             "cfg_raises": root / "raises.py", "cfg_none": root / "none.py",
+             "locked": root / "locked"}  # fmt: skip
     cfg = configlib.load_config("toy_gmm:smoke")
     with cfg.unlocked():
         cfg.dataset.source = "synthetic"
@@ -326,6 +355,16 @@ def make_fixtures(root: Path) -> dict[str, Path]:
     os.chmod(paths["ro_dir"], 0o555)
     np.savez(paths["empty_npz"], x=np.zeros((0, 2), np.float32))
     paths["zero_bytes"].write_bytes(b"")
+    paths["cfg_folder"].mkdir(parents=True)
+    paths["cfg_syntax"].write_text("def get_config(arg):\n    x = 1 +\n")
+    paths["cfg_import"].write_text("import not_a_module_xyz\n")
+    raises = "def get_config(arg):\n    a = 1\n    raise RuntimeError('boom')\n"
+    paths["cfg_raises"].write_text(raises)
+    paths["cfg_none"].write_text("def get_config(arg):\n    return None\n")
+    from scm_jax.train.lock import WorkdirLock
+
+    command = f"scm-jax train --config toy_gmm:smoke --workdir {paths['locked']}"
+    _HELD_LOCKS.append(WorkdirLock(paths["locked"], command=command).acquire())
     return paths
 
 
@@ -363,6 +402,8 @@ def message(stderr: str, paths: dict[str, Path], c: Case) -> str:
     text = text.replace(str(REPO), "<repo>")
     for pattern in c.mask:
         text = re.sub(pattern, lambda m: "(…). It is", text)
+    for pattern, shown in c.elide:
+        text = re.sub(pattern, lambda m, shown=shown: shown, text)
     return text
 
 

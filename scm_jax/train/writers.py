@@ -168,7 +168,7 @@ def drop_rows_after(path: str | os.PathLike, step: int) -> int:
     The rows are those an interrupted run wrote after its last checkpoint; the resumed run
     redoes those steps. They are appended (as they were) to ``metrics.dropped.jsonl`` beside it,
     for a post-mortem of the interrupted run; nothing reads that file. ``metrics.jsonl`` is
-    rewritten atomically (a temporary file and ``os.replace``): a crash leaves the old or the
+    rewritten atomically (``scm_jax.files``): a crash leaves the old or the
     new file, never a mix. Undecodable lines (torn by a crash) are dropped too; blank ones
     vanish. Returns the number of rows dropped (0: the file is left untouched; also when it
     does not exist).
@@ -191,12 +191,9 @@ def drop_rows_after(path: str | os.PathLike, step: int) -> int:
         return 0
     with open(path.with_name(DROPPED_FILE), "a", encoding="utf-8") as f:
         f.writelines(dropped)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(keep)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    from scm_jax.files import write_text_atomic
+
+    write_text_atomic(path, "".join(keep))
     return len(dropped)
 
 
