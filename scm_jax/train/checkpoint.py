@@ -32,7 +32,6 @@ Failure handling:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import sys
 from collections.abc import Callable, Mapping
@@ -134,7 +133,7 @@ def join_state(item: dict[str, Any], emas: dict[str, Any]) -> TrainState:
                       item.get("critic"))  # fmt: skip
 
 
-class Checkpointer:
+class Checkpointer(checksums.CheckpointIntegrity):
     """Saves and restores a run's checkpoints (a thin layer over ``ocp.CheckpointManager``).
 
     Args:
@@ -207,36 +206,6 @@ class Checkpointer:
         if not self.async_save:
             self._pending = None
         return started
-
-    def _finalized(self) -> None:
-        """orbax's post-finalisation callback (its thread): checksums into the temporary folder,
-        before it is renamed to ``<step>``."""
-        if jax.process_index() == 0 and self._pending is not None:
-            checksums.write_checksums(checksums.tmp_step_dir(self.directory, self._pending))
-
-    @contextlib.contextmanager
-    def _write_errors(self):
-        """OS errors of the pending save -> one-line CheckpointWriteError (partial removed)."""
-        try:
-            yield
-        except Exception as e:
-            step, self._pending = self._pending, None
-            if step is None or not (err := checksums.abandon_save(self.manager, self.directory,
-                                                                  step, e)):  # fmt: skip
-                raise
-            self._closed = True
-            raise err from e
-
-    def _verify(self, step: int, items: tuple[str, ...]) -> None:
-        """Check the files of ``items`` of checkpoint ``step`` against its checksums (after
-        orbax read them: its own errors, e.g. for truncated files, come first)."""
-        ok = checksums.verify_checksums(self.directory / str(step), items,
-                                        process_index=jax.process_index(),
-                                        process_count=jax.process_count())  # fmt: skip
-        if not ok and not self._unverified_noted:
-            self._unverified_noted = True
-            _warn(f"note: checkpoint {self.directory / str(step)} has no {checksums.CHECKSUMS_FILE}"
-                  " (written before checkpoints recorded checksums): read unverified")  # fmt: skip
 
     def read_meta(self, step: int | None = None) -> dict[str, Any]:
         """The ``meta`` item of checkpoint ``step`` (default: the latest)."""

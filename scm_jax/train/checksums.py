@@ -40,14 +40,17 @@ import logging
 import os
 import re
 import shutil
+import sys
 import threading
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import jax
+
+from scm_jax.train.progress import emit
 
 CHECKSUMS_FILE = "checksums.json"
 ALGORITHM = "crc32"
@@ -286,3 +289,45 @@ def quiet_orbax_write_errors() -> None:
     logger = logging.getLogger("absl")
     if not any(isinstance(f, _OrbaxWriteErrors) for f in logger.filters):
         logger.addFilter(_OrbaxWriteErrors())
+
+
+class CheckpointIntegrity:
+    """The checksum and write-error half of :class:`~scm_jax.train.checkpoint.Checkpointer`
+    (a base class: it uses the Checkpointer's ``directory``, ``manager``, ``_pending`` (the step
+    being written), ``_closed`` and ``_unverified_noted``)."""
+
+    directory: Path
+    manager: Any
+    _pending: int | None
+    _closed: bool
+    _unverified_noted: bool
+
+    def _finalized(self) -> None:
+        """orbax's post-finalisation callback (its thread): checksums into the temporary folder,
+        before it is renamed to ``<step>``."""
+        if jax.process_index() == 0 and self._pending is not None:
+            write_checksums(tmp_step_dir(self.directory, self._pending))
+
+    @contextlib.contextmanager
+    def _write_errors(self) -> Iterator[None]:
+        """OS errors of the pending save -> one-line CheckpointWriteError (partial removed)."""
+        try:
+            yield
+        except Exception as e:
+            step, self._pending = self._pending, None
+            if step is None or not (err := abandon_save(self.manager, self.directory, step, e)):
+                raise
+            self._closed = True
+            raise err from e
+
+    def _verify(self, step: int, items: tuple[str, ...]) -> None:
+        """Check the files of ``items`` of checkpoint ``step`` against its checksums (after
+        orbax read them: its own errors, e.g. for truncated files, come first); a checkpoint
+        without checksums is noted once (stderr)."""
+        ok = verify_checksums(self.directory / str(step), items,
+                              process_index=jax.process_index(),
+                              process_count=jax.process_count())  # fmt: skip
+        if not ok and not self._unverified_noted:
+            self._unverified_noted = True
+            emit(f"note: checkpoint {self.directory / str(step)} has no {CHECKSUMS_FILE} (written "
+                 "before checkpoints recorded checksums): read unverified", sys.stderr)  # fmt: skip

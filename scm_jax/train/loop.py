@@ -127,7 +127,9 @@ def train(
       ValueError (``scm_jax.validate.ConfigError``: every problem of the config, one line each)
       / FileNotFoundError / CheckpointError with a clear message for a bad config, missing data
       or teacher, a workdir holding another run or no readable checkpoint; nothing is
-      overwritten then. NonfiniteStepsError after ``train.max_consecutive_nonfinite`` skipped
+      overwritten then. CheckpointWriteError (``scm_jax.train.checksums``, one line) when an OS
+      error (full disk, read-only filesystem...) stops a checkpoint write; the newest complete
+      checkpoint is intact. NonfiniteStepsError after ``train.max_consecutive_nonfinite`` skipped
       steps in a row (a checkpoint of the last good parameters is written first).
     """
     validate(config)  # before anything is built, compiled or loaded
