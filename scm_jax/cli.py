@@ -247,6 +247,12 @@ def cmd_train(config: ml_collections.ConfigDict, argv: Sequence[str]) -> int:
         raise UsageError(str(e)) from None
     except NonfiniteStepsError as e:
         raise CommandError(str(e)) from None
+    except RuntimeError as e:  # a checkpoint write's OS error (full disk, read-only, ...)
+        from scm_jax.train.checksums import CheckpointWriteError
+
+        if not isinstance(e, CheckpointWriteError):
+            raise
+        raise CommandError(str(e)) from None
     if result["interrupted"] is not None:
         return 128 + int(result["interrupted"])
     return 0

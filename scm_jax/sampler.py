@@ -45,6 +45,9 @@ class Sampler:
       guidance: default guidance scale for networks with a guidance input (sCD CFG students).
       batch_size: largest batch per network call in :meth:`sample` (bounds memory).
       scale: model units -> data units of the samples (None: the identity).
+
+    ``step``: the checkpoint step of the parameters when :func:`load_sampler` read them (after
+    a fallback past a damaged checkpoint, the older step; an export's recorded step), else None.
     """
 
     def __init__(
@@ -59,6 +62,7 @@ class Sampler:
         self.guidance = guidance
         self.batch_size = int(batch_size)
         self._cache: dict[Any, Any] = {} if _cache is None else _cache
+        self.step: int | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -286,14 +290,16 @@ def load_sampler(
     """
     from scm_jax.export.files import default_guidance
     from scm_jax.networks import build_network
-    from scm_jax.train.teacher import load_ema_params
+    from scm_jax.train.teacher import load_ema_checkpoint
 
-    params, cfg, _ = load_ema_params(path, None, mesh, ema=ema, what="run", step=step)
+    params, cfg, _, step = load_ema_checkpoint(path, None, mesh, ema=ema, what="run", step=step)
     nd = build_network(cfg["model"])
     guidance = default_guidance(cfg)
     tf = cfg["trigflow"]
-    return Sampler(
+    sampler = Sampler(
         nd, params, sigma_d=tf["sigma_d"], sigma_max=tf["sigma_max"], t_mid=tf["t_mid"],
         objective=cfg["objective"], guidance=guidance, batch_size=batch_size,
         scale=data_scale(cfg.get("dataset") or {}, tf["sigma_d"]),
     )  # fmt: skip
+    sampler.step = step
+    return sampler

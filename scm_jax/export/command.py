@@ -77,16 +77,11 @@ def load_source(path: str | Path, *, ema: str | None, step: int | None) -> tuple
         return params, cfg
     import jax
 
-    from scm_jax.train.checkpoint import Checkpointer
-    from scm_jax.train.teacher import load_ema_params
+    from scm_jax.train.teacher import load_ema_checkpoint
 
-    params, run_cfg, name = load_ema_params(path, None, None, ema=ema, step=step, what="run")
-    if step is None:
-        ckpt = Checkpointer(path, read_only=True)
-        try:
-            step = ckpt.latest_step()
-        finally:
-            ckpt.close()
+    # the step actually read: after a fallback past a damaged newest checkpoint, the older one
+    params, run_cfg, name, step = load_ema_checkpoint(path, None, None, ema=ema, step=step,
+                                                  what="run")  # fmt: skip
     params = jax.tree.map(np.asarray, params)
     cfg = export_config(run_cfg, ema=name, step=step, source=str(Path(path).resolve()))
     return params, cfg

@@ -24,6 +24,8 @@ Failure handling:
   cannot be read (truncated or corrupted files fail orbax's reads and OCDBT's checksums);
   :meth:`set_aside` renames a damaged one to ``<step>.damaged`` (never deleted) so the run can
   write that step again;
+* **checksums, write errors** (``scm_jax.train.checksums``): ``checksums.json`` is verified
+  before items are read (a mismatch is damage); an OS error while writing raises one line;
 * **another run**: a checkpoint whose ``meta`` identity differs from the config raises
   :class:`CheckpointMismatchError` naming the fields, before any array is read.
 """
@@ -40,6 +42,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from scm_jax.train import checksums
 from scm_jax.train.progress import emit
 from scm_jax.train.state import TrainState
 
@@ -77,14 +80,19 @@ class _AbandonedReads(logging.Filter):
         )
 
 
+_ABANDONED_IN = ("/orbax/", "/tensorstore/")  # packages whose collected coroutines are dropped
+
+
 def _ignore_closed_loop_callbacks() -> None:
     """Orbax restores in a fresh asyncio loop that it closes as soon as the first read fails;
     the TensorStore reads still pending then call back into the closed loop (Python reports
     ``RuntimeError('Event loop is closed')`` through ``sys.unraisablehook``), and those that
     failed too are garbage-collected with "Task exception was never retrieved" (asyncio's
     logger): tracebacks on the console, some while the failing restore still runs, long after
-    its error was handled. Drop exactly those reports (installed once, by the first
-    Checkpointer); the error itself is reported as a :class:`CheckpointError`."""
+    its error was handled, and coroutines of orbax / TensorStore abandoned in that loop are
+    reported as "Exception ignored in: <coroutine ...>" when collected. Drop exactly those
+    reports (installed once, by the first Checkpointer); the error itself is reported as a
+    :class:`CheckpointError`."""
     previous = sys.unraisablehook
     if getattr(previous, "_scm_jax_closed_loop", False):
         return
@@ -94,6 +102,9 @@ def _ignore_closed_loop_callbacks() -> None:
         if unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == (
             "Event loop is closed"
         ):
+            return
+        code = getattr(unraisable.object, "cr_code", None)  # a coroutine's
+        if code is not None and any(m in code.co_filename for m in _ABANDONED_IN):
             return
         previous(unraisable)
 
@@ -122,7 +133,7 @@ def join_state(item: dict[str, Any], emas: dict[str, Any]) -> TrainState:
                       item.get("critic"))  # fmt: skip
 
 
-class Checkpointer:
+class Checkpointer(checksums.CheckpointIntegrity):
     """Saves and restores a run's checkpoints (a thin layer over ``ocp.CheckpointManager``).
 
     Args:
@@ -140,11 +151,18 @@ class Checkpointer:
         self.directory = checkpoint_dir(workdir)
         if read_only and not self.directory.is_dir():
             raise CheckpointError(f"no checkpoints in {str(workdir)!r} (no {self.directory})")
+        self.async_save = async_save and not read_only
+        self.restored_step: int | None = None  # the step the last restore read
+        self._pending: int | None = None  # the step being written
+        self._unverified_noted = self._closed = False
+        checksums.quiet_orbax_write_errors()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max(int(keep), 1),
-            enable_async_checkpointing=async_save and not read_only,
+            enable_async_checkpointing=self.async_save,
             create=not read_only,
-        )
+            async_options=ocp.AsyncOptions(post_finalization_callback=self._finalized)
+            if self.async_save else None,
+        )  # fmt: skip
         self.manager = ocp.CheckpointManager(
             self.directory.resolve(), options=options, item_names=("state", "emas", "meta")
         )
@@ -157,25 +175,44 @@ class Checkpointer:
         """Steps of all complete checkpoints, oldest first."""
         return sorted(self.manager.all_steps())
 
-    def save(self, state: TrainState, meta: dict[str, Any], *, force: bool = True) -> bool:
-        """Start saving ``state`` at its step (asynchronously); returns whether a save started."""
+    def save(
+        self, state: TrainState, meta: dict[str, Any], *, force: bool = True,
+        log: Callable[[str], None] = _warn,
+    ) -> bool:  # fmt: skip
+        """Start saving ``state`` at its step (asynchronously); returns whether a save started.
+
+        Warns to ``log`` when the disk looks too small for it. Raises
+        :class:`~scm_jax.train.checksums.CheckpointWriteError` when this save or the previous
+        (asynchronous) one met an OS error."""
         item, emas = split_state(state)
         step = int(meta["step"])
-        return self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(item),
-                emas=ocp.args.StandardSave(emas),
-                meta=ocp.args.JsonSave(meta),
-            ),
-            force=force,
-        )
+        self.wait()  # the previous save's errors belong to its step
+        if jax.process_index() == 0:
+            checksums.check_free_space(self.directory, checksums.tree_nbytes((item, emas)), step,
+                                       log)  # fmt: skip
+        self._pending = step
+        with self._write_errors():
+            started = self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(item),
+                    emas=ocp.args.StandardSave(emas),
+                    meta=ocp.args.JsonSave(meta),
+                ),
+                force=force,
+            )
+            if started and not self.async_save and jax.process_index() == 0:
+                checksums.write_checksums(self.directory / str(step))
+        if not self.async_save:
+            self._pending = None
+        return started
 
     def read_meta(self, step: int | None = None) -> dict[str, Any]:
         """The ``meta`` item of checkpoint ``step`` (default: the latest)."""
         step = self._step(step)
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+            self._verify(step, ("meta",))
         except Exception as e:  # orbax raises a variety of types for damaged files
             raise self._damaged(step, e) from e
         return dict(out["meta"])
@@ -198,8 +235,10 @@ class Checkpointer:
                     state=ocp.args.StandardRestore(item_t), emas=ocp.args.StandardRestore(emas_t)
                 ),
             )
+            self._verify(step, ("state", "emas"))
         except Exception as e:
             raise self._damaged(step, e) from e
+        self.restored_step = step
         return join_state(out["state"], out["emas"])
 
     def restore_emas(
@@ -209,8 +248,9 @@ class Checkpointer:
         """Restore only the EMA trees (``{name: abstract net params}``) of checkpoint ``step``.
 
         Without ``step``: the newest readable checkpoint, falling back past damaged ones with a
-        warning to ``log``. ``config``: the run's config (its ``config.json``); a checkpoint
-        whose ``model.*`` or ``ema.*`` identity differs raises :class:`CheckpointMismatchError`.
+        warning to ``log``; :attr:`restored_step` says which step was read. ``config``: the
+        run's config (its ``config.json``); a checkpoint whose ``model.*`` or ``ema.*``
+        identity differs raises :class:`CheckpointMismatchError`.
         """
 
         def restore(s: int) -> dict[str, Any]:
@@ -220,8 +260,10 @@ class Checkpointer:
                 out = self.manager.restore(
                     s, args=ocp.args.Composite(emas=ocp.args.StandardRestore(target))
                 )
+                self._verify(s, ("emas",))
             except Exception as e:
                 raise self._damaged(s, e) from e
+            self.restored_step = s
             return out["emas"]
 
         if step is not None:
@@ -355,13 +397,20 @@ class Checkpointer:
         return moved
 
     def wait(self) -> None:
-        """Block until pending asynchronous saves are on disk."""
-        self.manager.wait_until_finished()
+        """Block until pending asynchronous saves are on disk (raises CheckpointWriteError for
+        an OS error of theirs)."""
+        with self._write_errors():
+            self.manager.wait_until_finished()
+        self._pending = None
 
     def close(self) -> None:
         """Finish pending saves and release the manager."""
-        self.manager.wait_until_finished()
-        self.manager.close()
+        if self._closed:  # after a write error
+            return
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
 
     def _step(self, step: int | None) -> int:
         if step is None:

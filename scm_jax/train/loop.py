@@ -48,7 +48,7 @@ from scm_jax.train.snapshots import SnapshotWriter
 from scm_jax.train.state import abstract_state, create_sharded_state, init_state, with_shardings
 from scm_jax.train.step import make_train_step
 from scm_jax.train.stopping import NonfiniteGuard, NonfiniteStepsError, StopSignals
-from scm_jax.train.teacher import Teacher, check_same_scale, load_ema_params, load_teacher
+from scm_jax.train.teacher import Teacher, check_same_scale, load_ema_checkpoint, load_teacher
 from scm_jax.train.workdir import (
     check_same_architecture,
     load_run_config,
@@ -73,10 +73,10 @@ def _initial_net(config, mesh, teacher: Teacher | None, log) -> Any:
         check_same_architecture(config.model, source_cfg["model"], what="init_from run",
                                 where=config.init_from)  # fmt: skip
         check_same_scale(config, source_cfg, what="init_from run", where=config.init_from)
-        net, _, name = load_ema_params(
+        net, _, name, step = load_ema_checkpoint(
             config.init_from, config.model, mesh, what="init_from run", rules=config.mesh.rules
         )
-        log(f"initialised from {config.init_from} (EMA {name})")
+        log(f"initialised from {config.init_from} (EMA {name}) at step {step}")
         return net
     if teacher is not None and teacher.nd is not None:
         log(f"student initialised from the teacher {teacher.source}")
@@ -130,8 +130,10 @@ def train(
       / FileNotFoundError / CheckpointError with a clear message for a bad config, missing data
       or teacher, a workdir holding another run or no readable checkpoint, or one in use by
       another trainer (``WorkdirInUseError``, ``scm_jax.train.lock``); nothing is overwritten.
-      NonfiniteStepsError after ``train.max_consecutive_nonfinite`` skipped steps in a row (a
-      checkpoint of the last good parameters is written first).
+      CheckpointWriteError (``scm_jax.train.checksums``, one line) when an OS error (full disk,
+      read-only filesystem...) stops a checkpoint write; the newest complete checkpoint is
+      intact. NonfiniteStepsError after ``train.max_consecutive_nonfinite`` skipped steps in a
+      row (a checkpoint of the last good parameters is written first).
     """
     validate(config)  # before anything is built, compiled or loaded
     with WorkdirLock(workdir, log=log, enabled=is_coordinator()):  # before any other work
@@ -288,7 +290,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable
             "seed": config.seed, "objective": config.objective, "ema_names": ema_names,
             "identity": identity, "nonfinite_steps_total": guard.total,
             "nonfinite_in_a_row": guard.in_a_row, "time": time.time(),
-        })  # fmt: skip
+        }, log=log)  # fmt: skip
 
     n_params = sum(x.size for x in jax.tree.leaves(state.params["net"]))
     log(
@@ -348,7 +350,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable
     guard.sync()
     diverged = guard.should_stop
     if final != saved_at:  # first: nothing after the last step may lose it
-        save(state)
+        with stop.writing(log):  # a signal now lets the write finish (scm_jax.train.stopping)
+            save(state)
+            if stop.signum is not None:  # stopping anyway: on disk before anything else
+                ckpt.wait()
     if snapshots is not None:
         if final != snapshots.last_step:
             snapshots.write(final, state.emas)
@@ -361,7 +366,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable
             evaluate(state)
         if consistency is not None and final not in measured:
             measure(state)
-    ckpt.close()
+    with stop.writing(log):
+        ckpt.close()
     writers.close()
     if diverged:
         raise NonfiniteStepsError(guard.stop_message(final))

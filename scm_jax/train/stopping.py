@@ -2,7 +2,11 @@
 
 **Signals** (:class:`StopSignals`). SIGTERM (a scheduler's preemption notice) or SIGINT (Ctrl-C)
 lets the current step finish; the loop then writes a checkpoint and returns. A second signal
-stops at once (KeyboardInterrupt). With several processes the stop must happen at the same step
+lets that checkpoint write finish (one line says so; interrupting it used to leave orbax's
+background threads failing with tracebacks at exit) and a third stops at once (``os._exit``,
+quiet; the incomplete checkpoint is a temporary folder orbax ignores, so the previous one stays
+the newest). The loop's last checkpoint write is covered the same way
+(:meth:`StopSignals.writing`). With several processes the stop must happen at the same step
 everywhere (one process saving while another waits in a collective would hang), so:
 
 * where JAX's preemption service runs (``jax.distributed.initialize`` with
@@ -30,9 +34,12 @@ position include the skipped steps, so a resume continues with the next batch) a
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
+import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -62,6 +69,9 @@ class StopSignals:
     def __init__(self) -> None:
         self.signum: int | None = None
         self._old: dict[int, Any] = {}
+        self._later = 0  # signals after the first (or during a write after the loop)
+        self._in_write = False
+        self._log: Callable[[str], None] = _stderr
         self.preemption = jax.process_count() > 1 and preemption_service_running()
 
     def should_stop(self, step: int) -> bool:
@@ -86,19 +96,54 @@ class StopSignals:
         if threading.current_thread() is threading.main_thread():
             # With the preemption service, SIGTERM belongs to JAX's notifier (installing a
             # Python handler would replace it).
-            signals = (signal.SIGINT,) if self.preemption else (signal.SIGTERM, signal.SIGINT)
-            for s in signals:
+            for s in self._signals():
                 self._old[s] = signal.signal(s, self._handle)
         return self
 
+    def _signals(self) -> tuple[int, ...]:
+        return (signal.SIGINT,) if self.preemption else (signal.SIGTERM, signal.SIGINT)
+
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is not None:  # a second signal: stop now
-            raise KeyboardInterrupt
-        self.signum = signum
+        if self.signum is None and not self._in_write:
+            self.signum = signum
+            return
+        self.signum = self.signum or signum
+        self._later += 1
+        if self._later == 1:  # the run is stopping: let its checkpoint be written
+            self._log(f"signal {signum}: stopping once the checkpoint is written (another "
+                      "signal stops at once, without it)")  # fmt: skip
+            return
+        self._log(f"signal {signum} again: stopped at once; the checkpoint being written is "
+                  "incomplete (ignored), the previous one stays the newest")  # fmt: skip
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(128 + signum)
 
     def __exit__(self, *exc: Any) -> None:
         for s, h in self._old.items():
             signal.signal(s, h if h is not None else signal.SIG_DFL)
+        self._old = {}
+
+    @contextlib.contextmanager
+    def writing(self, log: Callable[[str], None]) -> Iterator[None]:
+        """Around a checkpoint write after the loop: the handlers are installed again, so a
+        signal now stops the run once the write is done (it is the run's second signal, or
+        its first: the loop had ended) and another stops at once (module docstring). ``log``
+        gets the line about it."""
+        self._log, self._in_write = log, True
+        installed = {}
+        if threading.current_thread() is threading.main_thread():
+            installed = {s: signal.signal(s, self._handle) for s in self._signals()}
+        try:
+            yield
+        finally:
+            self._in_write = False
+            for s, h in installed.items():
+                signal.signal(s, h if h is not None else signal.SIG_DFL)
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 class NonfiniteStepsError(RuntimeError):

@@ -135,7 +135,19 @@ def load_ema_params(
     sigma_rel: float = 0.0, ema: str | None = None, what: str = "checkpoint",
     step: int | None = None, rules: Sequence[Sequence[Any]] = DEFAULT_RULES,
 ) -> tuple[Any, dict[str, Any], str]:  # fmt: skip
-    """Load a run's EMA network parameters, sharded over ``mesh``.
+    """:func:`load_ema_checkpoint` without the step: ``(net params, run config, EMA name)``."""
+    params, cfg, name, _ = load_ema_checkpoint(
+        workdir, model_cfg, mesh, sigma_rel=sigma_rel, ema=ema, what=what, step=step, rules=rules
+    )
+    return params, cfg, name
+
+
+def load_ema_checkpoint(
+    workdir: str | Path, model_cfg: Mapping[str, Any] | None, mesh: Mesh | None, *,
+    sigma_rel: float = 0.0, ema: str | None = None, what: str = "checkpoint",
+    step: int | None = None, rules: Sequence[Sequence[Any]] = DEFAULT_RULES,
+) -> tuple[Any, dict[str, Any], str, int | None]:  # fmt: skip
+    """Load a run's EMA network parameters, sharded over ``mesh``, and name their step.
 
     Args:
       workdir: the other run's folder, or an export folder (``scm-jax export``/``import-edm2``;
@@ -149,7 +161,9 @@ def load_ema_params(
         skipped with a warning on stderr).
       rules: the sharding rules (``config.mesh.rules``).
     Returns:
-      ``(net params, the run's config dict, EMA name)``.
+      ``(net params, the run's config dict, EMA name, checkpoint step)``: the step of the
+      checkpoint actually read (after a fallback past a damaged newer one, the older step); an
+      export folder's recorded ``step``.
     Raises:
       FileNotFoundError / ValueError / CheckpointError: not a run, another architecture, no such
         EMA, or no readable checkpoint.
@@ -167,7 +181,7 @@ def load_ema_params(
     if is_export(workdir):  # an export folder: one set of weights (scm_jax.export.files)
         params, cfg = load_export(workdir)
         name = check_export_ema(cfg, workdir, sigma_rel=sigma_rel, ema=ema, step=step)
-        return jax.device_put(params, shard), cfg, name
+        return jax.device_put(params, shard), cfg, name, cfg.get("step")
     name = ema_name_for(run_cfg, sigma_rel, ema)
     all_names = ema_names(run_cfg["ema"]["power_std"], run_cfg["ema"]["halflife_kimg"])
     target_one = jax.tree.map(
@@ -178,7 +192,7 @@ def load_ema_params(
         emas = ckpt.restore_emas({n: target_one for n in all_names}, step, config=run_cfg)
     finally:
         ckpt.close()
-    return emas[name], run_cfg, name
+    return emas[name], run_cfg, name, ckpt.restored_step
 
 
 def load_teacher(config: Any, mesh: Mesh) -> Teacher:
@@ -211,9 +225,9 @@ def load_teacher(config: Any, mesh: Mesh) -> Teacher:
         )
     check_same_architecture(config.model, run_cfg["model"], what="teacher", where=t_cfg.workdir)
     check_same_scale(config, run_cfg, what="teacher", where=t_cfg.workdir)
-    params, run_cfg, name = load_ema_params(
+    params, run_cfg, name, step = load_ema_checkpoint(
         t_cfg.workdir, config.model, mesh, sigma_rel=float(t_cfg.get("ema_std", 0.0) or 0.0),
         what="teacher", rules=config.mesh.rules,
     )  # fmt: skip
     nd = build_network({**run_cfg["model"], "dropout": 0.0})
-    return Teacher(nd.apply_fn, params, nd, f"{t_cfg.workdir} (EMA {name})")
+    return Teacher(nd.apply_fn, params, nd, f"{t_cfg.workdir} (EMA {name}) at step {step}")
