@@ -41,7 +41,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from scm_jax import configlib
-from scm_jax.files import WriteError, check_output_file, check_output_folder
+from scm_jax.files import WriteError, check_output_folder
 
 
 class UsageError(Exception):
@@ -268,67 +268,11 @@ def cmd_data_stats(config: ml_collections.ConfigDict, argv: Sequence[str]) -> in
         raise UsageError(str(e)) from None
 
 
-def parse_labels(text: str | None) -> list[int] | None:
-    """``'3'`` -> [3]; ``'0,1,2'`` -> [0, 1, 2]; ``'0-9'`` -> [0..9]; None -> None."""
-    if text is None:
-        return None
-    out: list[int] = []
-    try:
-        for part in filter(None, text.split(",")):
-            lo, sep, hi = part.partition("-")
-            out += list(range(int(lo), int(hi) + 1)) if sep and lo else [int(part)]
-    except ValueError:
-        raise UsageError(f"--labels {text!r}: expected ints like 3, 0,1,2 or 0-9") from None
-    return out
-
-
 def cmd_sample(config: ml_collections.ConfigDict, argv: Sequence[str]) -> int:
     """``scm-jax sample``: draw samples from a run's EMA weights into a PNG grid or an .npz."""
-    parser = argparse.ArgumentParser(prog="scm-jax sample", description=cmd_sample.__doc__)
-    parser.add_argument("--workdir", required=True, help="a training run's folder")
-    parser.add_argument(
-        "--steps", type=int, default=2,
-        help="network evaluations (consistency) or Heun steps (diffusion)",
-    )  # fmt: skip
-    parser.add_argument("--num", type=int, default=64, help="number of samples")
-    parser.add_argument("--labels", help="class labels: 3 | 0,1,2 | 0-9 (repeated to --num)")
-    parser.add_argument("--guidance", type=float, help="CFG scale (guided students, teachers)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--ema", help="which EMA (default: the run's first)")
-    parser.add_argument("--out", required=True, help="FILE.png (grid) or FILE.npz (arrays)")
-    args = parser.parse_args(argv)
-    out = Path(args.out)
-    if out.suffix not in (".png", ".npz"):
-        raise UsageError(f"--out {args.out!r}: use a .png (grid) or .npz file")
-    _check_output(check_output_file, args.out, "--out")  # a folder, read-only, no parent
-    if args.num < 1 or args.steps < 1:
-        raise UsageError(f"--num ({args.num}) and --steps ({args.steps}) must be >= 1")
-    labels = parse_labels(args.labels)
-    if labels is not None and not labels:
-        raise UsageError(f"--labels {args.labels!r}: no labels given")
-    if labels is not None:
-        labels = (labels * (args.num // len(labels) + 1))[: args.num]
-    import numpy as np
+    from scm_jax.sample_command import sample_main
 
-    from scm_jax import images
-    from scm_jax.sampler import load_sampler
-    from scm_jax.train.checkpoint import CheckpointError
-
-    try:
-        sampler = load_sampler(args.workdir, ema=args.ema)
-        if out.suffix == ".png" and len(sampler.shape) != 3:
-            raise UsageError("this model makes points, not images: use --out FILE.npz")
-        x = sampler.sample(args.seed, args.num, steps=args.steps, labels=labels,
-                           guidance=args.guidance)  # fmt: skip
-    except (ValueError, FileNotFoundError, CheckpointError) as e:
-        raise UsageError(str(e)) from None
-    if out.suffix == ".png":
-        images.save_grid(out, x)
-    else:
-        y = None if labels is None else np.asarray(labels, np.int32)
-        images.save_samples_npz(out, x, y)
-    print(f"wrote {args.num} samples ({args.steps} steps) to {out}")
-    return 0
+    return _eval_errors(sample_main, argv)
 
 
 def cmd_fid_weights(config: ml_collections.ConfigDict, argv: Sequence[str]) -> int:

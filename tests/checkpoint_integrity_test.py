@@ -257,11 +257,11 @@ def test_abandoned_orbax_coroutines_are_not_reported(monkeypatch):
     "Exception ignored in: <coroutine ...>" report each) are dropped; others are not."""
     from orbax.checkpoint._src.path import async_path
 
-    from scm_jax.train.checkpoint import _ignore_closed_loop_callbacks
+    from scm_jax.train.orbax_console import ignore_closed_loop_callbacks
 
     reported: list[Any] = []
     monkeypatch.setattr(sys, "unraisablehook", reported.append)
-    _ignore_closed_loop_callbacks()  # what every Checkpointer installs (once)
+    ignore_closed_loop_callbacks()  # what every Checkpointer installs (once)
 
     async def ours():
         return None

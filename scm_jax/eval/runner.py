@@ -267,10 +267,10 @@ def evaluate(
         check_image_shape(tuple(run_cfg["dataset"]["shape"]), f"the run in {workdir}")
         ckpt = Checkpointer(workdir, read_only=True)
         try:
-            step = ckpt.latest_step() if step is None else step
+            newest = ckpt.latest_step()
         finally:
             ckpt.close()
-        if step is None:
+        if newest is None:
             raise CheckpointError(f"no complete checkpoint in {workdir}: train the run first")
         ema_name = ema_of(workdir, run_cfg, ema=ema)
     ref = fid.load_stats(ref_path)
@@ -282,8 +282,11 @@ def evaluate(
     mesh = make_mesh(-1, 1) if mesh is None else mesh
     batch_size = batch_size or default_batch_size()
 
+    # without --step: the newest readable checkpoint (past damaged ones, with a warning)
     sampler = load_sampler(workdir, ema=ema_name, step=None if export else step,
                            batch_size=batch_size, mesh=mesh)  # fmt: skip
+    if not export and sampler.step is not None:
+        step = sampler.step  # the step whose weights were restored
     settings = [make_setting(f"{s}step", sampler, s, f"EMA {ema_name}", guidance) for s in steps]
     if heun is not None and objective == "diffusion":
         settings.append(make_setting(f"heun{heun}", sampler, heun, f"EMA {ema_name}", guidance))
