@@ -236,23 +236,17 @@ def cmd_train(config: ml_collections.ConfigDict, argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
     _check_output(check_output_folder, args.workdir, "--workdir")  # before anything compiles
     from scm_jax import distributed  # imports jax: keep `--help` fast
-    from scm_jax.train.checkpoint import CheckpointError
+    from scm_jax.train.errors import USAGE, exit_status
     from scm_jax.train.loop import train
-    from scm_jax.train.stopping import NonfiniteStepsError
 
     try:
         distributed.initialize()  # before anything touches a device (multi-process runs)
         result = train(config, args.workdir)
-    except (ValueError, FileNotFoundError, CheckpointError, ImportError) as e:
-        raise UsageError(str(e)) from None
-    except NonfiniteStepsError as e:
-        raise CommandError(str(e)) from None
-    except RuntimeError as e:  # a checkpoint write's OS error (full disk, read-only, ...)
-        from scm_jax.train.checksums import CheckpointWriteError
-
-        if not isinstance(e, CheckpointWriteError):
+    except Exception as e:  # one line for what the user or the run caused; bugs keep tracebacks
+        status = exit_status(e)
+        if status is None:
             raise
-        raise CommandError(str(e)) from None
+        raise (UsageError if status == USAGE else CommandError)(str(e)) from None
     if result["interrupted"] is not None:
         return 128 + int(result["interrupted"])
     return 0

@@ -38,17 +38,16 @@ def main(argv: Sequence[str]) -> int:
     except distributed.DistributedConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from scm_jax.train.checkpoint import CheckpointError
-    from scm_jax.train.stopping import NonfiniteStepsError
+    from scm_jax.train.errors import exit_status
 
     try:
         result = train(FLAGS.config, FLAGS.workdir, log=log)
-    except (ValueError, FileNotFoundError, CheckpointError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)  # one message, as `scm-jax train` gives
-        return 2
-    except NonfiniteStepsError as e:
+    except Exception as e:  # one message, as `scm-jax train` gives (scm_jax/train/errors.py)
+        status = exit_status(e)
+        if status is None:
+            raise
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return status
     return 0 if result["interrupted"] is None else 128 + int(result["interrupted"])
 
 

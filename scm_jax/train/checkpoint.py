@@ -277,9 +277,10 @@ class Checkpointer(checksums.CheckpointIntegrity):
                 newest_error = newest_error or e
                 damaged.append(step)
                 older = [s for s in steps if s < step]
-                then = f"trying step {older[0]}" if older else "no older checkpoint"
-                log(f"warning: checkpoint {self.directory / str(step)} is damaged and was not "
-                    f"used ({e.detail or e}); {then}")  # fmt: skip
+                if len(steps) > 1:  # one checkpoint only: the error below says it all
+                    then = f"trying step {older[0]}" if older else "no older checkpoint"
+                    log(f"warning: checkpoint {self.directory / str(step)} is damaged and was "
+                        f"not used ({e.detail or e}); {then}")  # fmt: skip
         assert newest_error is not None
         if len(steps) == 1:
             raise newest_error
@@ -383,6 +384,7 @@ class Checkpointer(checksums.CheckpointIntegrity):
 
     def _damaged(self, step: int, e: Exception) -> CheckpointError:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first.split(" See full TensorStore details")[0]  # then a repr of the spec
         first = f"{type(e).__name__}: {first[:300]}"
         return CheckpointError(
             f"checkpoint {self.directory / str(step)} could not be restored ({first}). It is "

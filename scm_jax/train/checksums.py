@@ -116,12 +116,9 @@ def write_checksums(step_dir: str | Path, items: Sequence[str] = ITEMS) -> Path:
     step_dir = Path(step_dir)
     data = compute_checksums(step_dir, items)
     out = step_dir / CHECKSUMS_FILE
-    tmp = out.with_name(f".{CHECKSUMS_FILE}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=0, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out)
+    from scm_jax.files import write_json_atomic
+
+    write_json_atomic(out, data, indent=0, sort_keys=True)
     return out
 
 
