@@ -35,7 +35,6 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
-import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from scm_jax.configlib import DEFAULT_RULES
@@ -337,8 +336,3 @@ def describe_specs(specs: Any) -> dict[str, str]:
     """``{path: 'PartitionSpec(...)'}`` of a tree of specs (golden files, docs)."""
     flat = jax.tree_util.tree_leaves_with_path(specs, is_leaf=_is_spec)
     return {jax.tree_util.keystr(p): str(s) for p, s in flat}
-
-
-def device_grid(mesh: Mesh) -> np.ndarray:
-    """The mesh's device ids as an array of its shape (for logs and tests)."""
-    return np.vectorize(lambda d: d.id)(mesh.devices)

@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import REPO
+from helpers import folder_digest, quiet, tree_bytes
 from reliability_test import BATCH, points_npz, restore_raw, toy_on
-from train_test import folder_digest, quiet, tree_bytes
 
 import scm_jax
 from scm_jax import cli

@@ -11,8 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import randomize, tiny_unet
-from train_test import smoke_config
+from helpers import randomize, smoke_config, tiny_unet
 
 from scm_jax import cli, configlib, sampling, trigflow, validate
 from scm_jax.eval import consistency as cons

@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import quiet, smoke_config, tree_bytes
 from jax.sharding import NamedSharding, PartitionSpec
-from train_test import quiet, smoke_config, tree_bytes
 
 import scm_jax
 from scm_jax import cli, configlib

@@ -17,9 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import tiny_unet
+from helpers import quiet, smoke_config, tiny_unet
 from jax.sharding import NamedSharding, PartitionSpec
-from train_test import quiet, smoke_config
 
 from scm_jax import cli
 from scm_jax.eval import features, fid, runner

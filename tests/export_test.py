@@ -10,6 +10,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from helpers import quiet, smoke_config
 from safetensors.numpy import load_file
 
 from scm_jax import cli, sampling
@@ -19,7 +20,6 @@ from scm_jax.export.files import load_export, tree_equal
 from scm_jax.sampler import load_sampler
 from scm_jax.train.loop import train
 from scm_jax.train.teacher import load_ema_params
-from tests.train_test import quiet, smoke_config
 
 
 @pytest.fixture(scope="module")
@@ -169,8 +169,9 @@ def test_export_bad_inputs(run, exported, tmp_path, capsys, monkeypatch):
 def test_stablehlo_tiny_model_with_guidance_input():
     """A tiny U-Net with labels and a guidance input: the serialized 2-step sampler, deserialized,
     is bit-exact against the jitted function."""
+    from helpers import randomize, tiny_unet
+
     from scm_jax.export.state_dict import to_state_dict
-    from tests.helpers import randomize, tiny_unet
 
     nd = tiny_unet()
     state = to_state_dict(jax.tree.map(np.asarray, randomize(nd.init(jax.random.key(0))["net"], 1)))

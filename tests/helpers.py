@@ -1,11 +1,16 @@
-"""Small builders shared by the tests: a tiny U-Net and a parameter perturbation."""
+"""Small builders shared by the tests: a tiny U-Net, a parameter perturbation, smoke configs of
+the repository's configs, and digests of trees and folders (one place: import them from here)."""
 
 from __future__ import annotations
+
+import hashlib
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from scm_jax import configlib
 from scm_jax.networks import build_network
 
 SIGMA_D = 0.5
@@ -34,3 +39,35 @@ def randomize(params, seed, scale=0.3):
         return p + jnp.asarray(noise, p.dtype)
 
     return jax.tree.map(perturb, params)
+
+
+def smoke_config(spec: str, steps: int = 2, **overrides):
+    """``spec`` with its smoke settings, ``steps`` optimiser steps, logs every step."""
+    cfg = configlib.load_config(spec)
+    with cfg.unlocked():
+        cfg.total_kimg = steps * cfg.batch_size / 1000
+        cfg.train.log_every_kimg = cfg.batch_size / 1000
+        for key, value in overrides.items():
+            node = cfg
+            *parents, leaf = key.split(".")
+            for p in parents:
+                node = node[p]
+            node[leaf] = value
+    return cfg
+
+
+def quiet(_line: str) -> None:
+    """Discard a progress line (the tests read metrics.jsonl instead)."""
+
+
+def tree_bytes(tree) -> list[bytes]:
+    return [np.asarray(x).tobytes() for x in jax.tree.leaves(tree)]
+
+
+def folder_digest(path: Path) -> dict[str, str]:
+    """Content hash of every file under ``path`` (to prove nothing was overwritten)."""
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }

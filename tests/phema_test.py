@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from train_test import quiet, smoke_config
+from helpers import quiet, smoke_config
 
 from scm_jax import cli, ema, phema
 from scm_jax.train import snapshots as snap_lib

@@ -16,7 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from conftest import REPO
-from train_test import folder_digest, quiet, smoke_config, tree_bytes
+from helpers import folder_digest, quiet, smoke_config, tree_bytes
 
 from scm_jax import config_checks, configlib, validate
 from scm_jax.data.arrays import batch_indices

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import SIGMA_D, randomize
 
 from scm_jax import configlib, sampling, trigflow
 from scm_jax.data.scale import DataScale
@@ -18,7 +19,6 @@ from scm_jax.export.files import export_config, load_export, save_export, tree_e
 from scm_jax.export.stablehlo import consistency_noise
 from scm_jax.export.state_dict import to_state_dict
 from scm_jax.networks import build_network
-from tests.helpers import SIGMA_D, randomize
 
 torch = pytest.importorskip("torch", reason="needs PyTorch (pip install 'scm-jax[torch]')")
 scm_torch = pytest.importorskip("scm_jax.torch")
@@ -358,11 +358,11 @@ def test_edm2_import_errors(tmp_path, capsys):
 @pytest.mark.slow
 def test_scd_starts_from_imported_edm2(tmp_path):
     """sCD trains from an imported EDM2 teacher (student initialised from it)."""
+    from helpers import quiet, smoke_config
     from safetensors.torch import save_file
 
     from scm_jax.export.edm2 import import_edm2
     from scm_jax.train.loop import train
-    from tests.train_test import quiet, smoke_config
 
     m = configlib.load_config("mnist:smoke").model
     ref = edm2_reference(

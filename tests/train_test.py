@@ -3,7 +3,6 @@ resume after a kill (bit-identical), sharded initialisation, and the errors a us
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 from pathlib import Path
@@ -11,42 +10,11 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from helpers import folder_digest, quiet, smoke_config, tree_bytes
 
 from scm_jax import cli, configlib
 from scm_jax.train.loop import train
 from scm_jax.train.writers import read_metrics
-
-
-def smoke_config(spec: str, steps: int = 2, **overrides):
-    """``spec`` with its smoke settings, ``steps`` optimiser steps, logs every step."""
-    cfg = configlib.load_config(spec)
-    with cfg.unlocked():
-        cfg.total_kimg = steps * cfg.batch_size / 1000
-        cfg.train.log_every_kimg = cfg.batch_size / 1000
-        for key, value in overrides.items():
-            node = cfg
-            *parents, leaf = key.split(".")
-            for p in parents:
-                node = node[p]
-            node[leaf] = value
-    return cfg
-
-
-def quiet(_line: str) -> None:
-    """Discard a progress line (the tests read metrics.jsonl instead)."""
-
-
-def tree_bytes(tree) -> list[bytes]:
-    return [np.asarray(x).tobytes() for x in jax.tree.leaves(tree)]
-
-
-def folder_digest(path: Path) -> dict[str, str]:
-    """Content hash of every file under ``path`` (to prove nothing was overwritten)."""
-    return {
-        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(path.rglob("*"))
-        if p.is_file()
-    }
 
 
 @pytest.fixture(scope="module")

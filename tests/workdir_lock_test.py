@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO
+from helpers import smoke_config
 from reliability_test import BATCH, _toy_train_process
-from train_test import smoke_config
 
 from scm_jax.train import lock as lock_lib
 from scm_jax.train.checkpoint import Checkpointer

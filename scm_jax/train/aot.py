@@ -37,10 +37,9 @@ from scm_jax.networks import NetworkDef, build_network
 from scm_jax.optim import make_optimizer
 from scm_jax.sharding import MESH_AXES, activation_rules, batch_sharding, make_mesh
 from scm_jax.train import dmd_config
+from scm_jax.train.metrics import NUM_TIME_BINS
 from scm_jax.train.state import TrainState, abstract_state, init_state
 from scm_jax.train.step import StepFn, make_train_step
-
-NUM_TIME_BINS = 4  # per-time-bin loss metrics (the training loop's bins)
 
 
 def teacher_model_config(model_cfg: Mapping[str, Any]) -> dict[str, Any]:

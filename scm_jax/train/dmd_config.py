@@ -22,12 +22,11 @@ from scm_jax.losses import proposal_time_edges
 from scm_jax.networks import NetworkDef
 from scm_jax.optim import make_optimizer
 from scm_jax.sharding import batch_sharding
+from scm_jax.train.metrics import NUM_TIME_BINS
 from scm_jax.train.state import TrainState
 from scm_jax.train.step import StepFn
 from scm_jax.train.step_dmd import DMDOptions, init_dmd_state, make_dmd_train_step
 from scm_jax.validate import ConfigError, dmd_problems
-
-NUM_TIME_BINS = 4  # the training loop's per-time-bin loss metrics
 
 
 def validate_dmd_config(config: ml_collections.ConfigDict) -> None:

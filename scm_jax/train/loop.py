@@ -58,8 +58,6 @@ from scm_jax.train.workdir import (
 from scm_jax.train.writers import create_writers
 from scm_jax.validate import validate
 
-NUM_TIME_BINS = 4
-
 
 def every_steps(kimg: float, batch_size: int) -> int:
     """An interval in thousands of images as a step count (0 = never)."""
@@ -222,7 +220,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable
         teacher_apply_fn=None if teacher is None else teacher.apply_fn,
         guidance_range=(config.teacher.guidance_min, config.teacher.guidance_max),
         time_edges=proposal_time_edges(
-            config.trigflow.P_mean, config.trigflow.P_std, sigma_d, NUM_TIME_BINS
+            config.trigflow.P_mean, config.trigflow.P_std, sigma_d, metrics_lib.NUM_TIME_BINS
         ),
         micro_batches=config.train.micro_batches, batch_sharding=batch_sharding(mesh, rules),
     )  # fmt: skip
@@ -306,7 +304,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable
     progress = Progress(total_steps, start_step=start, batch_size=config.batch_size, print_fn=log)
     samples: list[str] = []
     last: dict[str, float] = {}
-    empty = metrics_lib.empty_metrics(NUM_TIME_BINS)
+    empty = metrics_lib.empty_metrics(metrics_lib.NUM_TIME_BINS)
     acc, logged_at = empty, start
     saved_at = start if latest is not None else -1
     num_classes = nd.num_classes
@@ -385,7 +383,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable
 
 def _accumulate(acc: metrics_lib.TrainMetrics, values: dict[str, Any]) -> Any:
     """Add one step's values to the interval's metrics."""
-    return acc.merge(metrics_lib.make_step_metrics(num_time_bins=NUM_TIME_BINS, **values))
+    return acc.merge(
+        metrics_lib.make_step_metrics(num_time_bins=metrics_lib.NUM_TIME_BINS, **values)
+    )
 
 
 def progress_log(

@@ -49,7 +49,7 @@ import numpy as np
 
 Array = jax.Array
 
-NUM_TIME_BINS = 4
+NUM_TIME_BINS = 4  # bins of the per-time loss metrics: the one definition (loop, aot, DMD)
 
 # Loss aux names (``scm_jax.losses``) -> metric names.
 AUX_TO_METRIC: dict[str, str] = {

@@ -63,13 +63,6 @@ class Writer(abc.ABC):
         self.close()
 
 
-class NoOpWriter(Writer):
-    """Discards everything (non-main processes)."""
-
-    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
-        del step, scalars
-
-
 def _json_value(name: str, value: Any) -> int | float | bool | str:
     a = np.asarray(value)
     if a.size != 1:
