@@ -1,7 +1,8 @@
 """The training step built from a config, and its ahead-of-time compilation on abstract inputs.
 
-:func:`train_step_from_config` is the one place where a config's options become
-``make_train_step`` arguments (the training loop and ``scm-jax info --compile`` share it), and
+:func:`train_step_from_config` turns a config's options into ``make_train_step`` arguments for
+``scm-jax info --compile`` and AOT compilation; the training loop still has its own copy of this
+wiring (``train/loop.py``; issue 23 makes one builder of the two), and
 :func:`jit_train_step` wraps the step the way training runs it (state donated, outputs in the
 state's shardings). :func:`compile_train_step` lowers and compiles that jitted step on
 ``jax.ShapeDtypeStruct`` inputs carrying their shardings (the state from
