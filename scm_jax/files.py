@@ -282,15 +282,20 @@ def check_output_file(
         parent = parent.parent
     if not parent.exists():
         raise ValueError(f"{flag} {shown}: the folder {str(parent)!r} does not exist; create it")
-    if not parent.is_dir():
-        raise ValueError(f"{flag} {shown} is not writable: {str(parent)!r} is a file, not a folder")
-    if p.exists() and _read_only(p):
+    if p.exists() and _read_only(p):  # (then its parent is a folder)
         raise ValueError(
             f"{flag} {shown} is read-only; choose another file or make it writable (chmod u+w)"
         )
-    if _read_only(parent):
-        raise ValueError(f"{flag} {shown} is not writable: the folder {str(parent)!r} is read-only")
+    _check_writable_folder(parent, flag, shown)
     return p
+
+
+def _check_writable_folder(folder: Path, flag: str, shown: str) -> None:
+    """The existing ``folder`` an output goes into must be a folder and writable (ValueError)."""
+    if not folder.is_dir():
+        raise ValueError(f"{flag} {shown} is not writable: {str(folder)!r} is a file, not a folder")
+    if _read_only(folder):
+        raise ValueError(f"{flag} {shown} is not writable: the folder {str(folder)!r} is read-only")
 
 
 def check_output_folder(path: str | os.PathLike, flag: str = "--out") -> Path:
@@ -309,8 +314,5 @@ def check_output_folder(path: str | os.PathLike, flag: str = "--out") -> Path:
     parent = p
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
-    if not parent.is_dir():
-        raise ValueError(f"{flag} {shown} is not writable: {str(parent)!r} is a file, not a folder")
-    if _read_only(parent):
-        raise ValueError(f"{flag} {shown} is not writable: the folder {str(parent)!r} is read-only")
+    _check_writable_folder(parent, flag, shown)
     return p
