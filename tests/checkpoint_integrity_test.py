@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import REPO
-from helpers import folder_digest, quiet, tree_bytes
+from helpers import folder_digest, quiet, read_and_react, tree_bytes
 from reliability_test import BATCH, points_npz, restore_raw, toy_on
 
 import scm_jax
@@ -303,19 +303,13 @@ def test_a_second_sigterm_during_the_checkpoint_write_is_quiet(tmp_path):
          "--workdir", str(tmp_path / "run")],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
-    out: list[str] = []
-    try:
-        for line in proc.stdout:
-            out.append(line)
-            if line.startswith("step "):
-                proc.send_signal(signal.SIGTERM)
-            if line.startswith("writing the checkpoint"):
-                proc.send_signal(signal.SIGTERM)
-                break
-        rest, _ = proc.communicate(timeout=300)
-    finally:
-        proc.kill()
-    text = "".join(out) + rest
+
+    def react(line: str) -> bool:  # SIGTERM at the first progress line, again during the write
+        if line.startswith(("step ", "writing the checkpoint")):
+            proc.send_signal(signal.SIGTERM)
+        return line.startswith("writing the checkpoint")
+
+    text = read_and_react(proc, react)
     assert proc.returncode == 128 + signal.SIGTERM, text[-3000:]
     assert "Traceback" not in text and "cannot schedule" not in text, text[-3000:]
     assert "signal 15: stopping once the checkpoint is written" in text, text[-3000:]

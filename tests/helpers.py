@@ -71,3 +71,20 @@ def folder_digest(path: Path) -> dict[str, str]:
         for p in sorted(path.rglob("*"))
         if p.is_file()
     }
+
+
+def read_and_react(proc, react) -> str:
+    """Read a subprocess's output line by line, calling ``react(line)`` (which may signal the
+    process) until it returns True; then wait for the end (300 s at most) and kill it if it is
+    still running. Returns the whole output (stdout with stderr merged into it)."""
+    out: list[str] = []
+    rest = ""
+    try:
+        for line in proc.stdout:
+            out.append(line)
+            if react(line):
+                break
+        rest, _ = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    return "".join(out) + rest

@@ -16,7 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from conftest import REPO
-from helpers import folder_digest, quiet, smoke_config, tree_bytes
+from helpers import folder_digest, quiet, read_and_react, smoke_config, tree_bytes
 
 from scm_jax import config_checks, configlib, validate
 from scm_jax.data.arrays import batch_indices
@@ -194,17 +194,14 @@ def test_sigterm_to_a_training_process_then_resume_equals_an_uninterrupted_run(t
     steps = 120
     proc = _toy_train_process(tmp_path / "cut", steps,
                               f"--config.train.log_every_kimg={10 * BATCH / 1000}")  # fmt: skip
-    out: list[str] = []
-    try:
-        for line in proc.stdout:  # wait for progress (after compilation), then preempt
-            out.append(line)
-            if line.startswith("step "):
-                proc.send_signal(signal.SIGTERM)
-                break
-        rest, _ = proc.communicate(timeout=300)
-    finally:
-        proc.kill()
-    text = "".join(out) + rest
+
+    def react(line: str) -> bool:  # wait for progress (after compilation), then preempt
+        if line.startswith("step "):
+            proc.send_signal(signal.SIGTERM)
+            return True
+        return False
+
+    text = read_and_react(proc, react)
     assert proc.returncode == 128 + signal.SIGTERM, text[-3000:]
     assert "Traceback" not in text
     stopped = [ln for ln in text.splitlines() if ln.startswith("stopped by signal 15 at step ")]
