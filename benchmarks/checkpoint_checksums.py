@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scm_jax import configlib
+from scm_jax.config import defaults
 from scm_jax.ema import ema_names
 from scm_jax.networks import build_network
 from scm_jax.train import checksums
@@ -41,7 +41,7 @@ FILE_BYTES = 256 << 20
 
 def xl_state_bytes() -> dict[str, int]:
     """Bytes of the XL run's checkpoint (float32 master weights) from abstract shapes."""
-    cfg = configlib.load_config("imagenet512:size=xl")
+    cfg = defaults.load_config("imagenet512:size=xl")
     net = build_network(cfg.model).abstract_params()["net"]
     net_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(net))
     n_emas = len(ema_names(cfg.ema.power_std, cfg.ema.halflife_kimg))

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scm_jax import configlib
+from scm_jax.config import defaults
 from scm_jax.networks import build_network, layers
 from scm_jax.networks.layers import conv2d_same
 from scm_jax.optim import make_optimizer
@@ -52,7 +52,7 @@ def train_step_seconds(batch: int, impl: str) -> float:
     saved = conv2d_same.__defaults__
     layers.conv2d_same.__defaults__ = (impl,)
     try:
-        cfg = configlib.load_config("mnist")
+        cfg = defaults.load_config("mnist")
         nd = build_network(cfg.model)
         tx, schedule = make_optimizer(**cfg.optim, batch_size=batch)
         ema = {"power_std": (), "halflife_kimg": cfg.ema.halflife_kimg}

@@ -22,7 +22,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from scm_jax import bench, configlib
+from scm_jax import bench
+from scm_jax.config import defaults
 from scm_jax.networks import build_network
 from scm_jax.optim import make_optimizer
 from scm_jax.train import aot
@@ -34,7 +35,7 @@ NAME = "dmd_critic_loop"
 def compile_pair(spec: str, objective: str, k: int | None, batch: int) -> dict[str, Any]:
     """Both versions of one step, compiled; ``{'calls': {name: call}, 'rows': {name: row}}``."""
     sep = "," if ":" in spec else ":"  # 'mnist:size=s' or 'cifar10'
-    cfg = configlib.load_config(f"{spec}{sep}objective={objective}")
+    cfg = defaults.load_config(f"{spec}{sep}objective={objective}")
     with cfg.unlocked():
         cfg.batch_size = batch
         if k is not None:

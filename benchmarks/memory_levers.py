@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from scm_jax import configlib
+from scm_jax.config import defaults
 from scm_jax.flops import count_flops
 from scm_jax.losses import sct_loss
 from scm_jax.networks import REMAT_POLICIES, NetworkDef, build_network
@@ -122,7 +122,7 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     big = []
     for size in ("xl", "xxl"):
-        model = configlib.load_config(f"imagenet512:size={size},objective=sct").model
+        model = defaults.load_config(f"imagenet512:size={size},objective=sct").model
         for remat in REMAT_POLICIES:
             nd = build_network({**model, "remat": remat})
             t0 = time.time()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import jax
 
-from scm_jax import configlib
+from scm_jax.config import defaults
 from scm_jax.info import model_info
 from scm_jax.networks import EDM2_CHANNELS
 
@@ -27,7 +27,7 @@ def main() -> None:
     rows = []
     for size in EDM2_CHANNELS:
         t0 = time.time()
-        info = model_info(configlib.load_config(f"imagenet512:size={size},objective=scd"), 64)
+        info = model_info(defaults.load_config(f"imagenet512:size={size},objective=scd"), 64)
         rows.append({"size": size, **info})
         print(f"{size}: {time.time() - t0:.1f} s", flush=True)
     OUT.parent.mkdir(parents=True, exist_ok=True)

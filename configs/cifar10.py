@@ -7,10 +7,10 @@ Arguments: objective=diffusion|sct|scd|dmd|rcm (default sct), size=xs|s|m (defau
 (10-class conditional instead), smoke. The paper's CIFAR backbone is DDPM++; we use the EDM2-style
 U-Net at DDPM++-like widths (s: 128 channels, mult (1, 2, 2, 2), attention at 16; docs/models.md).
 Hyperparameters: sCM §5 / App. G (teacher with EDM's settings; CM RAdam 1e-4, batch 512). DMD and
-rCM take sCD's settings and budget plus ``configlib.dmd_options`` (docs/method.md).
+rCM take sCD's settings and budget plus ``defaults.dmd_options`` (docs/method.md).
 """
 
-from scm_jax import configlib
+from scm_jax.config import defaults
 
 SIZES = {
     "xs": (64, (1, 2, 2, 2), 2, (16,)),
@@ -21,13 +21,13 @@ SMOKE = (16, (1, 2), 1, (16,))
 
 
 def get_config(arg=None):
-    a = configlib.parse_arg(arg, objective="sct", size="s", cond=False, smoke=False)
-    configlib.check_choice("objective", a.objective, configlib.OBJECTIVES)
-    configlib.check_choice("size", a.size, tuple(SIZES))
+    a = defaults.parse_arg(arg, objective="sct", size="s", cond=False, smoke=False)
+    defaults.check_choice("objective", a.objective, defaults.OBJECTIVES)
+    defaults.check_choice("size", a.size, tuple(SIZES))
     mc, mult, blocks, attn = SMOKE if a.smoke else SIZES[a.size]
     cm = a.objective != "diffusion"
     classes = 10 if a.cond else 0
-    model = configlib.unet_model(
+    model = defaults.unet_model(
         resolution=32,
         channels=3,
         num_classes=classes,
@@ -43,7 +43,7 @@ def get_config(arg=None):
     batch = 8 if a.smoke else 512
     # the tangent warm-up (sCM: H = 10k steps); smoke runs: one step (they may be one step long)
     warmup = {"tangent_warmup_steps": 1} if a.smoke else {"tangent_warmup_steps": 10_000}
-    return configlib.assemble(
+    return defaults.assemble(
         dataset={
             "name": "cifar10",
             # Prepared TFDS data (`tfds build cifar10`); or source='image_folder' with path= a
@@ -79,8 +79,8 @@ def get_config(arg=None):
         ema={"halflife_kimg": 500.0, "power_std": ()},  # EMA half-life 0.5 Mimg
         batch_size=batch,
         # Teacher 400k iterations; the CM iteration count of Table 1 is not given: 400k (App. E.3).
-        total_kimg=configlib.kimg(4 if a.smoke else 400_000, batch),
+        total_kimg=defaults.kimg(4 if a.smoke else 400_000, batch),
         teacher={"workdir": "", "guidance_min": 1.0, "guidance_max": 1.0},
         **warmup,
-        dmd=configlib.dmd_options(a.objective, lr=1e-4, P_mean=-1.0, P_std=1.4, **warmup),
+        dmd=defaults.dmd_options(a.objective, lr=1e-4, P_mean=-1.0, P_std=1.4, **warmup),
     )

@@ -9,11 +9,11 @@ smoke.
 Hyperparameters: sCM Table 5. The teacher is trained with 10% label dropout; the sCD student
 distils classifier-free guidance at a per-sample scale s ~ U[1, 2] that it receives as an input.
 DMD and rCM distil the same guided teacher (s ~ U[1, 2], an input of the student and the critic) for
-20k iterations (sCM's sCD + adaptive VSD, Table 5), with ``configlib.dmd_options``.
+20k iterations (sCM's sCD + adaptive VSD, Table 5), with ``defaults.dmd_options``.
 Latents: (latent - mu_c) * sigma_d / sigma_c with the per-channel statistics of sCM App. G.
 """
 
-from scm_jax import configlib
+from scm_jax.config import defaults
 
 # size -> (teacher lr, teacher dropout, teacher iterations, teacher EMA sigma_rel,
 #          sCT dropout, sCD dropout)
@@ -30,14 +30,14 @@ LATENT_STD = (5.27, 5.91, 4.21, 4.31)
 
 
 def get_config(arg=None):
-    a = configlib.parse_arg(arg, objective="scd", size="s", smoke=False)
-    configlib.check_choice("objective", a.objective, configlib.OBJECTIVES)
-    configlib.check_choice("size", a.size, tuple(TABLE5))
+    a = defaults.parse_arg(arg, objective="scd", size="s", smoke=False)
+    defaults.check_choice("objective", a.objective, defaults.OBJECTIVES)
+    defaults.check_choice("size", a.size, tuple(TABLE5))
     lr, t_dropout, t_iters, t_ema, sct_dropout, scd_dropout = TABLE5[a.size]
     cm = a.objective != "diffusion"
-    distil = a.objective in configlib.DISTILL_OBJECTIVES  # sCD, DMD, rCM: CFG-distilling students
+    distil = a.objective in defaults.DISTILL_OBJECTIVES  # sCD, DMD, rCM: CFG-distilling students
     dropout = {"diffusion": t_dropout, "sct": sct_dropout}.get(a.objective, scd_dropout)
-    model = configlib.edm2_model(
+    model = defaults.edm2_model(
         a.size,
         channels=4,
         smoke=a.smoke,
@@ -53,7 +53,7 @@ def get_config(arg=None):
              "rcm": 20_000}[a.objective]  # fmt: skip
     # the tangent warm-up (sCM: H = 10k steps); smoke runs: one step (they may be one step long)
     warmup = {"tangent_warmup_steps": 1} if a.smoke else {"tangent_warmup_steps": 10_000}
-    return configlib.assemble(
+    return defaults.assemble(
         dataset={
             "name": "imagenet512_latents",
             # SD-VAE latents precomputed by the user (.npy/.npz, set path=); smoke: synthetic.
@@ -82,7 +82,7 @@ def get_config(arg=None):
         # Teachers keep the EMA that sCD distils (teacher.ema_std); CMs the paper's 0.05 (+0.10).
         ema={"halflife_kimg": 0.0, "power_std": (0.05, 0.10) if cm else (t_ema,)},
         batch_size=batch,
-        total_kimg=configlib.kimg(4 if a.smoke else iters, batch),
+        total_kimg=defaults.kimg(4 if a.smoke else iters, batch),
         teacher={
             "workdir": "",
             "ema_std": t_ema,
@@ -90,5 +90,5 @@ def get_config(arg=None):
             "guidance_max": 2.0 if distil else 1.0,
         },
         **warmup,
-        dmd=configlib.dmd_options(a.objective, lr=lr * 0.01, P_mean=-0.8, P_std=1.6, **warmup),
+        dmd=defaults.dmd_options(a.objective, lr=lr * 0.01, P_mean=-0.8, P_std=1.6, **warmup),
     )

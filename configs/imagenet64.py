@@ -7,10 +7,10 @@ Arguments: objective=diffusion|sct|scd|dmd|rcm (default sct), size=xs|s|m|l|xl|x
 smoke.
 Hyperparameters: sCM Table 4 (S..XL). xs and xxl are not in the paper; their learning rate,
 dropout and teacher length follow EDM2's img512 presets (marked 'extrapolated' below). DMD and rCM
-take sCD's settings plus ``configlib.dmd_options``; DMD trains for DMD2's 200k x 280 images.
+take sCD's settings plus ``defaults.dmd_options``; DMD trains for DMD2's 200k x 280 images.
 """
 
-from scm_jax import configlib
+from scm_jax.config import defaults
 
 # size -> (teacher lr alpha_ref, teacher dropout, teacher iterations, teacher EMA sigma_rel)
 TABLE4 = {
@@ -24,13 +24,13 @@ TABLE4 = {
 
 
 def get_config(arg=None):
-    a = configlib.parse_arg(arg, objective="sct", size="s", smoke=False)
-    configlib.check_choice("objective", a.objective, configlib.OBJECTIVES)
-    configlib.check_choice("size", a.size, tuple(TABLE4))
+    a = defaults.parse_arg(arg, objective="sct", size="s", smoke=False)
+    defaults.check_choice("objective", a.objective, defaults.OBJECTIVES)
+    defaults.check_choice("size", a.size, tuple(TABLE4))
     lr, t_dropout, t_iters, t_ema = TABLE4[a.size]
     cm = a.objective != "diffusion"
     dropout = {"diffusion": t_dropout, "sct": 0.45, "scd": 0.0, "dmd": 0.0, "rcm": 0.0}[a.objective]
-    model = configlib.edm2_model(
+    model = defaults.edm2_model(
         a.size,
         channels=3,
         smoke=a.smoke,
@@ -43,10 +43,10 @@ def get_config(arg=None):
     iters = 400_000 if cm else t_iters
     # the tangent warm-up (sCM: H = 10k steps); smoke runs: one step (they may be one step long)
     warmup = {"tangent_warmup_steps": 1} if a.smoke else {"tangent_warmup_steps": 10_000}
-    total = configlib.kimg(4 if a.smoke else iters, batch)
+    total = defaults.kimg(4 if a.smoke else iters, batch)
     if a.objective == "dmd" and not a.smoke:
-        total = configlib.kimg(200_000, 280)  # DMD2's ImageNet-64 run, counted in images
-    return configlib.assemble(
+        total = defaults.kimg(200_000, 280)  # DMD2's ImageNet-64 run, counted in images
+    return defaults.assemble(
         dataset={
             "name": "imagenet64",
             # TFDS's box-resized ImageNet (needs the manual ImageNet download to prepare), or an
@@ -85,5 +85,5 @@ def get_config(arg=None):
         total_kimg=total,
         teacher={"workdir": "", "ema_std": t_ema, "guidance_min": 1.0, "guidance_max": 1.0},
         **warmup,
-        dmd=configlib.dmd_options(a.objective, lr=lr * 0.01, P_mean=-1.0, P_std=1.6, **warmup),
+        dmd=defaults.dmd_options(a.objective, lr=lr * 0.01, P_mean=-1.0, P_std=1.6, **warmup),
     )

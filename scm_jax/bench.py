@@ -112,14 +112,14 @@ def suite_config(
     Returns:
       The (unlocked-then-relocked) ConfigDict.
     """
-    from scm_jax import configlib
+    from scm_jax.config import defaults
     from scm_jax.train.aot import with_overrides
 
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; expected one of {list(OBJECTIVES)}")
     name, cfg_teacher, _ = OBJECTIVES[objective]
     arg = f"objective={name}," + ("smoke" if size == "smoke" else f"size={size}")
-    cfg = with_overrides(configlib.load_config(f"imagenet512:{arg}"), batch_size=batch_size,
+    cfg = with_overrides(defaults.load_config(f"imagenet512:{arg}"), batch_size=batch_size,
                          remat=remat)  # fmt: skip
     with cfg.unlocked():
         cfg.model.dtype = dtype

@@ -40,7 +40,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from scm_jax import configlib
+from scm_jax.config import defaults
 from scm_jax.files import WriteError, check_output_folder
 
 
@@ -81,8 +81,8 @@ def config_from_args(config_args: Sequence[str]) -> ml_collections.ConfigDict:
         raise UsageError("--config is required, e.g. --config configs/mnist.py")
     path, sep, arg = spec.partition(":")
     try:
-        resolved = configlib.resolve_config_path(path)
-        configlib.load_config(f"{resolved}{sep}{arg}")  # get_config errors, without a traceback
+        resolved = defaults.resolve_config_path(path)
+        defaults.load_config(f"{resolved}{sep}{arg}")  # get_config errors, without a traceback
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(str(e)) from None
     overrides = [a for a in config_args if a.startswith("--config.")]
@@ -209,7 +209,7 @@ def cmd_config(config: ml_collections.ConfigDict, argv: Sequence[str]) -> int:
                         "problems (exit 2)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.check:
-        from scm_jax.validate import validate
+        from scm_jax.config.validate import validate
 
         try:
             validate(config)

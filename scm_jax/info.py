@@ -32,7 +32,7 @@ import ml_collections
 from jax.sharding import Mesh, PartitionSpec
 
 from scm_jax import sharding
-from scm_jax.configlib import DISTILL_OBJECTIVES, DMD_OBJECTIVES
+from scm_jax.config.defaults import DISTILL_OBJECTIVES, DMD_OBJECTIVES
 from scm_jax.flops import count_flops
 from scm_jax.networks import NetworkDef, build_network
 from scm_jax.optim import make_optimizer
@@ -104,7 +104,7 @@ def mesh_axis_sizes(
     ``devices`` devices, without the devices (each axis is its ICI size x its DCN size).
 
     Args:
-      mesh_cfg: ``config.mesh`` (``configlib.MESH_DEFAULTS``); its rules are checked too.
+      mesh_cfg: ``config.mesh`` (``defaults.MESH_DEFAULTS``); its rules are checked too.
       devices: the device count; fills the one ICI size that is -1.
       overrides: ICI sizes replacing the config's (``--mesh data=8,fsdp=8``).
     Raises:
@@ -160,7 +160,7 @@ def model_info(
     """Parameters, FLOPs and training-state bytes (total and per device) of a config.
 
     Args:
-      config: a loaded config (``configlib.load_config``), with ``batch_size``,
+      config: a loaded config (``defaults.load_config``), with ``batch_size``,
         ``train.micro_batches`` and ``model.remat`` as they should be analysed
         (``scm_jax.train.aot.with_overrides``).
       devices: number of devices; fills the -1 of the config's mesh section.

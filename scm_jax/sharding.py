@@ -12,7 +12,7 @@ code runs from a laptop to a cluster.
 
 Rules. Arrays carry *logical* axis names (``'batch'``, ``'in'``, ``'out'``, ``'channels'``, ...);
 ``rules`` map them to mesh axes and are data in the config (``config.mesh.rules``,
-``configlib.DEFAULT_RULES``), MaxText-style: the first rule for a name whose mesh axes are unused in
+``DEFAULT_RULES`` below), MaxText-style: the first rule for a name whose mesh axes are unused in
 that array and divide the dimension wins (axes of size 1 are left out; a tuple of axes that does
 not divide is shortened from the end); otherwise the dimension is replicated.
 Parameters get their names from their path and rank (:func:`param_logical_axes`). Then the FSDP
@@ -37,8 +37,6 @@ from typing import Any
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from scm_jax.configlib import DEFAULT_RULES
-
 __all__ = [
     "AXIS_TYPE", "BATCH_AXES", "DEFAULT_RULES", "MESH_AXES", "activation_rules", "batch_sharding",
     "check_batch", "check_rules", "constrain", "fsdp_spec", "logical_to_spec", "make_mesh",
@@ -51,12 +49,28 @@ AXIS_TYPE = AxisType.Auto  # see the module docstring
 
 Rule = tuple[str, Any]  # (logical name, None | mesh axis | tuple of mesh axes)
 
+# Logical axis -> mesh axes (the ``mesh.rules`` default): the first rule for a name whose mesh
+# axes are free, > 1 and divide the dimension wins; unmatched dimensions are replicated, then
+# the FSDP fallback puts a still-unused 'fsdp' on the largest dimension it divides.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("in", "fsdp"),  # a weight's input features (conv / linear C_in)
+    ("out", "tensor"),  # a weight's output features
+    ("vocab", None),  # class-embedding rows (the FSDP fallback may still split them)
+    ("kh", None),
+    ("kw", None),
+    ("height", None),
+    ("width", None),
+    ("channels", "tensor"),  # activations' channels, like the weights that made them
+)
+
 # ------------------------------------------------------------------------------------- mesh
 
 
 def _fill(sizes: dict[str, int], total: int, what: str) -> dict[str, int]:
     """Replace at most one -1 in ``sizes`` so that they multiply to ``total``."""
     free = [a for a, s in sizes.items() if s == -1]
+
     shown = " x ".join(f"{a}={s}" for a, s in sizes.items())
     if len(free) > 1:
         raise ValueError(f"at most one {what} mesh axis may be -1, got {shown}")
@@ -127,7 +141,7 @@ def make_mesh(
 def mesh_from_config(
     mesh_cfg: Mapping[str, Any], devices: Sequence[jax.Device] | None = None
 ) -> Mesh:
-    """:func:`make_mesh` from a config's ``mesh`` section (``configlib.MESH_DEFAULTS``), with
+    """:func:`make_mesh` from a config's ``mesh`` section (``defaults.MESH_DEFAULTS``), with
     its rules checked first."""
     check_rules(mesh_cfg["rules"])
     dcn = {a: int(mesh_cfg[f"dcn_{a}"]) for a in MESH_AXES}

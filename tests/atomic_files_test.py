@@ -203,10 +203,10 @@ def test_one_implementation_of_the_rename():
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     """A toy run trained for one step."""
-    from scm_jax import configlib
+    from scm_jax.config import defaults
     from scm_jax.train.loop import train
 
-    cfg = configlib.load_config("toy_gmm:smoke")
+    cfg = defaults.load_config("toy_gmm:smoke")
     with cfg.unlocked():
         cfg.dataset.source = "synthetic"
         cfg.total_kimg = cfg.batch_size / 1000

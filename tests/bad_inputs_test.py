@@ -76,7 +76,7 @@ CASES: list[Case] = [
          "--workdir {tmp}/x", "unknown config field 'optim.lrr'", subprocess=True),
     case("override of the wrong type", "config --config toy_gmm:smoke --config.batch_size=eight",
          "bad override"),
-    # config values (scm_jax.validate: every problem, one line each)
+    # config values (scm_jax.config.validate: every problem, one line each)
     case("P_std <= 0", "train --config toy_gmm:smoke --config.trigflow.P_std=0 "
          "--workdir {tmp}/x", "trigflow.P_std=0.0: must be > 0"),
     case("dropout >= 1", "train --config mnist:smoke --config.model.dropout=1.0 "
@@ -266,7 +266,7 @@ CASES: list[Case] = [
          "--out {tmp}/s.npz", "samples of shape (2,) need about 14901.2 GiB of host memory",
          elide=((r"and [\d.]+ GiB are available; ask for at most \d+",
                  "and … GiB are available; ask for at most …"),)),
-    # config files (scm_jax.config_files: used exactly as given; failures in one line)
+    # config files (scm_jax.config.files: used exactly as given; failures in one line)
     case("config path that does not exist", "train --config {tmp}/some/dir/toy_gmm.py "
          "--workdir {tmp}/x", "not found (looked for {tmp}/some/dir/toy_gmm.py)"),
     case("config path that is a folder", "train --config {cfg_folder} --workdir {tmp}/x",
@@ -298,7 +298,7 @@ def make_fixtures(root: Path) -> dict[str, Path]:
     (``dir_npz``, ``dir_json``), a read-only file and folder, an .npz of 0 examples, a file of
     0 bytes and an empty image folder; config files that fail in four ways and a folder named
     like one; a workdir whose lock this process holds (``locked``)."""
-    from scm_jax import configlib
+    from scm_jax.config import defaults
     from scm_jax.train.loop import train
     from scm_jax.train.workdir import prepare_workdir
 
@@ -314,7 +314,7 @@ def make_fixtures(root: Path) -> dict[str, Path]:
              "cfg_syntax": root / "syntax.py", "cfg_import": root / "imports.py",
              "cfg_raises": root / "raises.py", "cfg_none": root / "none.py",
              "locked": root / "locked"}  # fmt: skip
-    cfg = configlib.load_config("toy_gmm:smoke")
+    cfg = defaults.load_config("toy_gmm:smoke")
     with cfg.unlocked():
         cfg.dataset.source = "synthetic"
         cfg.dataset.num_classes = cfg.model.num_classes = 3
@@ -326,9 +326,9 @@ def make_fixtures(root: Path) -> dict[str, Path]:
     for f in (paths["damaged"] / "checkpoints").glob("*/*/d/*"):
         with open(f, "r+b") as fh:
             fh.truncate(f.stat().st_size // 2)
-    teacher_cfg = configlib.load_config("toy_gmm:smoke,objective=diffusion")
+    teacher_cfg = defaults.load_config("toy_gmm:smoke,objective=diffusion")
     prepare_workdir(paths["toy_teacher"], teacher_cfg, has_checkpoint=False)
-    mnist_teacher = configlib.load_config("mnist:smoke,objective=diffusion")  # data normalised
+    mnist_teacher = defaults.load_config("mnist:smoke,objective=diffusion")  # data normalised
     prepare_workdir(paths["mnist_teacher"], mnist_teacher, has_checkpoint=False)
     from scm_jax import cli
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from scm_jax import cli, config_files
+from scm_jax import cli
+from scm_jax.config import files as config_files
 
 REPO_CONFIGS = config_files.REPO_CONFIG_DIR
 
@@ -79,3 +80,13 @@ def test_a_failing_config_file_gives_one_line_with_file_and_line(name, tmp_path,
 def test_a_bad_argument_of_a_config_keeps_its_own_message():
     with pytest.raises(config_files.ConfigFileError, match=r"^unknown size 'q'; choose one of"):
         config_files.load_config("mnist:size=q")
+
+
+def test_configlib_alias_is_the_defaults_module():
+    """Config files written before the config package (``from scm_jax import configlib``) keep
+    working: the alias is the same module object, not a copy to keep in step."""
+    from scm_jax import configlib
+    from scm_jax.config import defaults
+
+    assert configlib is defaults
+    assert configlib.assemble is defaults.assemble

@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from scm_jax import configlib, ema, validate
+from scm_jax import ema
+from scm_jax.config import defaults, validate
 from scm_jax.networks import build_network
 from scm_jax.optim import make_optimizer
 
@@ -22,11 +23,11 @@ SIZES = {
 
 
 @pytest.mark.parametrize("name", sorted(SIZES))
-@pytest.mark.parametrize("objective", configlib.OBJECTIVES)
+@pytest.mark.parametrize("objective", defaults.OBJECTIVES)
 def test_every_config_builds_its_network(name, objective):
     for size in SIZES[name]:
         arg = f"objective={objective}" + (f",size={size}" if size else "")
-        cfg = configlib.load_config(f"configs/{name}.py:{arg}")
+        cfg = defaults.load_config(f"configs/{name}.py:{arg}")
         assert cfg.objective == objective
         sections = {"dataset", "model", "trigflow", "loss", "teacher", "optim", "ema"}
         assert set(cfg.keys()) >= sections
@@ -40,7 +41,7 @@ def test_every_config_builds_its_network(name, objective):
 
 @pytest.mark.parametrize("name", sorted(SIZES))
 def test_smoke_configs_run_a_forward(name):
-    cfg = configlib.load_config(f"{name}:smoke")
+    cfg = defaults.load_config(f"{name}:smoke")
     nd = build_network(cfg.model)
     params = nd.init(jax.random.key(0))
     ex = nd.example_inputs(2)
@@ -53,35 +54,35 @@ def test_smoke_configs_run_a_forward(name):
 
 
 def test_paper_hyperparameters_spot_checks():
-    c = configlib.load_config("imagenet512:size=xxl,objective=scd")
+    c = defaults.load_config("imagenet512:size=xxl,objective=scd")
     assert (c.model.model_channels, c.model.guidance_input, c.model.dropout) == (448, True, 0.1)
     assert (c.trigflow.P_mean, c.trigflow.P_std, c.loss.tangent_c) == (-0.8, 1.6, 0.1)
     assert (c.teacher.guidance_min, c.teacher.guidance_max) == (1.0, 2.0)
     assert c.optim.lr == pytest.approx(6.5e-5) and c.optim.eps == 1e-11
-    t = configlib.load_config("imagenet512:size=m,objective=diffusion")
+    t = defaults.load_config("imagenet512:size=m,objective=diffusion")
     assert (t.model.label_dropout, t.trigflow.P_mean, t.trigflow.P_std) == (0.1, -0.4, 1.0)
-    s = configlib.load_config("imagenet64:size=xl,objective=sct")
+    s = defaults.load_config("imagenet64:size=xl,objective=sct")
     assert (s.model.dropout, s.model.dropout_max_res, s.optim.lr) == (0.45, 16, pytest.approx(7e-5))
-    cif = configlib.load_config("cifar10:objective=sct")
+    cif = defaults.load_config("cifar10:objective=sct")
     got = (cif.optim.name, cif.optim.lr, cif.batch_size, cif.model.num_classes)
     assert got == ("radam", 1e-4, 512, 0)
 
 
 def test_dmd_and_rcm_hyperparameters_spot_checks():
     """DMD2's and rCM's settings (reference §7, §8) on top of each dataset's sCD settings."""
-    c = configlib.load_config("imagenet512:size=xxl,objective=rcm")
+    c = defaults.load_config("imagenet512:size=xxl,objective=rcm")
     assert (c.dmd.weight, c.dmd.critic_updates, c.dmd.generator_steps) == (0.01, 4, 4)
     assert (c.loss.warmup_form, c.loss.adaptive_weighting, c.dmd.rollout) == ("rcm", False,
                                                                               "random")  # fmt: skip
     assert c.dmd.start_step == c.loss.tangent_warmup_steps and c.model.guidance_input
     assert c.dmd.critic_lr == pytest.approx(0.2 * c.optim.lr) and c.total_kimg == 40_960
     assert (c.dmd.critic_P_mean, c.dmd.critic_P_std) == (c.trigflow.P_mean, c.trigflow.P_std)
-    d = configlib.load_config("imagenet64:size=s,objective=dmd")
+    d = defaults.load_config("imagenet64:size=s,objective=dmd")
     assert (d.dmd.critic_updates, d.dmd.generator_steps, d.dmd.weight) == (5, 1, 1.0)
     assert d.total_kimg == 56_000 and d.dmd.critic_lr == d.optim.lr and d.model.dropout == 0.0
     assert (d.loss.warmup_form, d.loss.adaptive_weighting) == ("scm", True)
-    assert configlib.load_config("mnist:objective=dmd").optim.lr == 1e-3
-    assert configlib.load_config("toy_gmm:objective=rcm").teacher.kind == "exact_gmm"
+    assert defaults.load_config("mnist:objective=dmd").optim.lr == 1e-3
+    assert defaults.load_config("toy_gmm:objective=rcm").teacher.kind == "exact_gmm"
 
 
 def test_mnist_default_distils_the_shipped_teacher():
@@ -90,22 +91,22 @@ def test_mnist_default_distils_the_shipped_teacher():
     and smoke runs have no shipped teacher."""
     from scm_jax.export.files import is_export
 
-    cfg = configlib.load_config("mnist")
+    cfg = defaults.load_config("mnist")
     shipped = Path(cfg.teacher.workdir)
     assert cfg.objective == "scd" and cfg.model.size == "s" and is_export(shipped)
     assert shipped == Path(__file__).resolve().parent.parent / "configs" / "teachers" / "mnist_s"
     validate.validate(cfg, check_paths=True)  # the teacher's architecture and scale match
-    sct = configlib.load_config("mnist:objective=sct")
+    sct = defaults.load_config("mnist:objective=sct")
     assert sct.init_from == str(shipped) and sct.teacher.workdir == "" and sct.optim.lr == 1e-3
     for spec in ("mnist:size=xs", "mnist:smoke,objective=scd", "mnist:objective=diffusion"):
-        c = configlib.load_config(spec)
+        c = defaults.load_config(spec)
         assert c.teacher.workdir == c.init_from == "", spec
-    assert configlib.load_config("mnist:smoke").objective == "sct"
-    assert configlib.load_config("mnist:size=xs,objective=sct").optim.lr == 1e-2
+    assert defaults.load_config("mnist:smoke").objective == "sct"
+    assert defaults.load_config("mnist:size=xs,objective=sct").optim.lr == 1e-2
 
 
 def test_shared_sigma_d_and_locked_config():
-    cfg = configlib.load_config("mnist")
+    cfg = defaults.load_config("mnist")
     cfg.model.sigma_d = 0.7
     assert cfg.trigflow.sigma_d == 0.7
     with pytest.raises(AttributeError):
@@ -124,9 +125,9 @@ def test_shared_sigma_d_and_locked_config():
 )
 def test_bad_config_arguments_name_the_value(spec, match):
     with pytest.raises(ValueError, match=match):
-        configlib.load_config(spec)
+        defaults.load_config(spec)
 
 
 def test_missing_config_file_lists_the_available_ones():
     with pytest.raises(FileNotFoundError, match="configs: cifar10, imagenet512"):
-        configlib.load_config("configs/imagenet1k.py")
+        defaults.load_config("configs/imagenet1k.py")

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from helpers import randomize, smoke_config, tiny_unet
 
-from scm_jax import cli, configlib, sampling, trigflow, validate
+from scm_jax import cli, sampling, trigflow
+from scm_jax.config import defaults, validate
 from scm_jax.eval import consistency as cons
 from scm_jax.eval import consistency_run
 from scm_jax.networks import build_network
@@ -110,7 +111,7 @@ def test_sharded_padded_batches_equal_one_batch(pairs, ref):
 def test_teacher_as_its_own_student_at_step_0():
     """A small network against itself: ~0 as t -> 0, growing with t; the 1-step and 2-step
     errors equal the DDIM one-step error computed independently (``sample_ode``)."""
-    nd = build_network(configlib.load_config("toy_gmm:smoke").model)
+    nd = build_network(defaults.load_config("toy_gmm:smoke").model)
     params = randomize(nd.init(jax.random.key(0))["net"], 0)
     x0 = np.asarray(MIX.sample(jax.random.key(3), 16))
     p = cons.make_pairs(x0, None, 1, SIGMA_D)
@@ -172,7 +173,7 @@ def test_reference_is_cached_and_invalidated(pairs, tmp_path, monkeypatch):
 
 def test_config_checks():
     def found(spec, **evals):
-        cfg = configlib.load_config(spec)
+        cfg = defaults.load_config(spec)
         with cfg.unlocked():
             cfg.evals.update({"consistency_every_kimg": 1.0, **evals})
         return validate.problems(cfg, check_paths=False)

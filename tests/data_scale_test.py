@@ -12,7 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from scm_jax import cli, config_durations, configlib, sampling
+from scm_jax import cli, sampling
+from scm_jax.config import defaults
+from scm_jax.config import durations as config_durations
+from scm_jax.config.validate import problems
 from scm_jax.data.arrays import ArrayDataset
 from scm_jax.data.scale import DataScale, channel_stats, data_scale
 from scm_jax.data.sources import load_dataset
@@ -21,7 +24,6 @@ from scm_jax.networks import build_network
 from scm_jax.sampler import Sampler
 from scm_jax.train.loop import check_data_std
 from scm_jax.train.teacher import check_same_scale
-from scm_jax.validate import problems
 
 MNIST_MEAN, MNIST_STD = -0.7374, 0.6171  # `scm-jax data-stats --config mnist`
 
@@ -44,7 +46,7 @@ def test_encode_decode_round_trip_per_channel():
 
 
 def test_mnist_is_normalised_and_data_stats_measures_it(capsys):
-    cfg = configlib.load_config("mnist")
+    cfg = defaults.load_config("mnist")
     assert cfg.dataset.normalize == "per_channel"
     assert cfg.dataset.mean == (MNIST_MEAN,) and cfg.dataset.std == (MNIST_STD,)
     raw = load_dataset(cfg.dataset, sigma_d=0.5, data_units=True)
@@ -79,7 +81,7 @@ def test_per_channel_statistics_of_colour_images():
 
 
 def test_validation_of_the_statistics():
-    cfg = configlib.load_config("mnist").to_dict()
+    cfg = defaults.load_config("mnist").to_dict()
     assert problems(cfg, check_paths=False) == []
     cfg["dataset"]["std"] = (0.5, 0.5)
     assert any("dataset.std has 2 values but the data has 1 channels" in p
@@ -89,14 +91,14 @@ def test_validation_of_the_statistics():
                for p in problems(cfg, check_paths=False))  # fmt: skip
     cfg["dataset"]["normalize"] = "sometimes"
     assert any(p.startswith("dataset.normalize") for p in problems(cfg, check_paths=False))
-    latents = configlib.load_config("imagenet512").to_dict()
+    latents = defaults.load_config("imagenet512").to_dict()
     latents["dataset"]["normalize"] = "per_channel"
     assert any("latents are already normalised" in p
                for p in problems(latents, check_paths=False))  # fmt: skip
 
 
 def _tiny_sampler(scale: DataScale | None, objective: str = "sct") -> Sampler:
-    cfg = configlib.load_config(f"mnist:smoke,objective={objective}")
+    cfg = defaults.load_config(f"mnist:smoke,objective={objective}")
     nd = build_network(cfg.model)
     params = nd.init(jax.random.key(0))["net"]
     return Sampler(nd, params, sigma_d=0.5, objective=objective, scale=scale)
@@ -131,7 +133,7 @@ def test_stablehlo_and_torch_samplers_decode_like_the_sampler():
     labels = np.arange(3, dtype=np.int32)
     got = np.asarray(fn(to_state_dict(sampler.params), noise, labels))
     np.testing.assert_allclose(got, np.asarray(sampler.sample_batch(key, 3, 2, labels)), atol=1e-5)
-    run_cfg = configlib.load_config("mnist:smoke").to_dict()
+    run_cfg = defaults.load_config("mnist:smoke").to_dict()
     cfg = export_config(run_cfg, ema="halflife", step=1, source="test")
     assert cfg["data_scale"] == {"mean": [MNIST_MEAN], "std": [MNIST_STD], "sigma_d": 0.5}
     torch = pytest.importorskip("torch", reason="needs PyTorch (pip install 'scm-jax[torch]')")
@@ -144,20 +146,20 @@ def test_stablehlo_and_torch_samplers_decode_like_the_sampler():
 
 def test_start_up_warns_about_data_off_scale():
     lines: list[str] = []
-    raw = configlib.load_config("mnist:smoke,objective=diffusion")
+    raw = defaults.load_config("mnist:smoke,objective=diffusion")
     with raw.unlocked():
         raw.dataset.normalize = "none"
     check_data_std(load_dataset(raw.dataset, sigma_d=0.5), 0.5, lines.append)
     assert len(lines) == 1 and "RMS 0.962" in lines[0] and "normalize=per_channel" in lines[0]
     lines.clear()
-    ok = configlib.load_config("mnist:smoke,objective=diffusion")
+    ok = defaults.load_config("mnist:smoke,objective=diffusion")
     check_data_std(load_dataset(ok.dataset, sigma_d=0.5), 0.5, lines.append)
     assert lines == []
 
 
 def test_a_teacher_of_another_scale_is_refused():
-    student = configlib.load_config("mnist:smoke,objective=scd").to_dict()
-    teacher = configlib.load_config("mnist:smoke,objective=diffusion").to_dict()
+    student = defaults.load_config("mnist:smoke,objective=scd").to_dict()
+    teacher = defaults.load_config("mnist:smoke,objective=diffusion").to_dict()
     check_same_scale(student, teacher, what="teacher", where="T")  # same scale: fine
     teacher["dataset"]["normalize"] = "none"
     with pytest.raises(ValueError, match=r"teacher in T was trained on data at another scale"):
@@ -169,7 +171,7 @@ def test_a_teacher_of_another_scale_is_refused():
 
 def _config(**loss):
     """MNIST sCD at size xs (800 steps of 16), the warm-up given by ``loss`` (others 0)."""
-    cfg = configlib.load_config("mnist:objective=scd,size=xs")
+    cfg = defaults.load_config("mnist:objective=scd,size=xs")
     with cfg.unlocked():
         cfg.teacher.workdir = "T"
         cfg.loss.tangent_warmup_fraction = 0.0
@@ -202,20 +204,20 @@ def test_durations_are_refused_in_two_units_or_beyond_the_run():
     assert any("tangent warm-up (801 steps" in p and "longer than the run (800 steps" in p
                for p in long)  # fmt: skip
     assert problems(_config(tangent_warmup_steps=800), check_paths=False) == []
-    rcm = configlib.load_config("mnist:objective=rcm,size=xs").to_dict()
+    rcm = defaults.load_config("mnist:objective=rcm,size=xs").to_dict()
     rcm["teacher"]["workdir"] = "T"
     rcm["dmd"]["start_step"], rcm["dmd"]["start_fraction"] = 801, 0.0
     assert any("dmd start (801 steps) is after the end of the run (800 steps)" in p
                for p in problems(rcm, check_paths=False))  # fmt: skip
-    ema = configlib.load_config("mnist").to_dict()
+    ema = defaults.load_config("mnist").to_dict()
     ema["ema"]["halflife_fraction"] = 0.1
     assert any("ema.halflife_kimg and ema.halflife_fraction are both set" in p
                for p in problems(ema, check_paths=False))  # fmt: skip
     ema["ema"]["halflife_kimg"] = 0.0
     assert problems(ema, check_paths=False) == []
-    resolved = config_durations.resolve_durations(configlib.load_config("mnist"))
+    resolved = config_durations.resolve_durations(defaults.load_config("mnist"))
     assert resolved.ema.halflife_kimg == 1.0  # no fraction set: kept
-    cfg = configlib.load_config("mnist")
+    cfg = defaults.load_config("mnist")
     with cfg.unlocked():
         cfg.ema.halflife_kimg, cfg.ema.halflife_fraction = 0.0, 0.1
     assert config_durations.resolve_durations(cfg).ema.halflife_kimg == pytest.approx(1.28)

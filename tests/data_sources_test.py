@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scm_jax import configlib
+from scm_jax.config import defaults
 from scm_jax.data import (
     ArrayDataset,
     LatentDataset,
@@ -26,7 +26,7 @@ CLASSES = ("cat", "dog", "emu")
 
 
 def cfg(**kw) -> dict:
-    return {**configlib.DATASET_DEFAULTS, **kw}
+    return {**defaults.DATASET_DEFAULTS, **kw}
 
 
 def write_images(root: Path, *, split: str | None = "train", per_class: int = 2) -> dict:
@@ -207,14 +207,14 @@ def test_tfds_mock_and_not_prepared(tmp_path):
 
 
 def test_toy_gmm_from_config_and_synthetic():
-    config = configlib.load_config("toy_gmm:smoke=True")
+    config = defaults.load_config("toy_gmm:smoke=True")
     a = load_dataset(config.dataset, sigma_d=0.5, seed=0)
     b = load_dataset(config.dataset, sigma_d=0.5, seed=0)
     assert len(a) == config.dataset.num_examples and a.shape == (2,) and a.num_classes == 0
     np.testing.assert_array_equal(a.x, b.x)
     assert not np.array_equal(a.x, load_dataset(config.dataset, sigma_d=0.5, seed=1).x)
     assert abs(a.x.std() - 0.48) < 0.05  # the ring mixture's per-element std
-    smoke = configlib.load_config("cifar10:smoke=True,cond=True").dataset
+    smoke = defaults.load_config("cifar10:smoke=True,cond=True").dataset
     s = load_dataset(smoke, sigma_d=0.5, seed=3)
     assert len(s) == 64 and s.shape == (32, 32, 3) and s.num_classes == 10
     x, labels = s.take(np.arange(64))

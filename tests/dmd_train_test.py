@@ -13,7 +13,8 @@ from helpers import quiet, smoke_config, tree_bytes
 from jax.sharding import NamedSharding, PartitionSpec
 
 import scm_jax
-from scm_jax import cli, configlib
+from scm_jax import cli
+from scm_jax.config import defaults
 from scm_jax.networks import build_network
 from scm_jax.optim import make_optimizer
 from scm_jax.sharding import activation_rules, batch_sharding, make_mesh
@@ -129,10 +130,10 @@ def test_aot_compile_and_info_of_the_new_objectives(capsys):
     from scm_jax.info import model_info
     from scm_jax.train import aot
 
-    cfg = configlib.load_config("toy_gmm:smoke,objective=rcm")
+    cfg = defaults.load_config("toy_gmm:smoke,objective=rcm")
     out = aot.compile_train_step(cfg, make_mesh(2, 1, devices=jax.devices()[:2]))
     assert out["devices"] == 2 and out["total_bytes"] > 0
-    cfg = configlib.load_config("mnist:smoke,objective=dmd")
+    cfg = defaults.load_config("mnist:smoke,objective=dmd")
     info = model_info(cfg, devices=2)
     b = info["state_bytes_breakdown"]
     assert b["critic"] == b["params"] + b["optimizer"] and b["teacher"] > 0
@@ -153,7 +154,7 @@ def test_bad_dmd_settings_are_refused(tmp_path, capsys):
     assert code == 2 and len(err.splitlines()) == 1
     assert "dmd.rollout='backward': must be one of 'fixed', 'random'" in err
     assert not (tmp_path / "new").exists()
-    validate_dmd_config(configlib.load_config("mnist:objective=sct"))  # not checked
+    validate_dmd_config(defaults.load_config("mnist:objective=sct"))  # not checked
     cases = [({"dmd.rollout": "backward"}, "dmd.rollout='backward': must be one of"),
              ({"dmd.critic_updates": 0}, "dmd.critic_updates=0: must be >= 1"),
              ({"train.micro_batches": 2}, "gradient accumulation is not implemented"),

@@ -290,7 +290,7 @@ def test_periodic_fid_is_checked_before_training(tmp_path):
         train(cfg, tmp_path / "a", log=quiet)
     cfg = smoke_config("mnist:smoke", **{"evals.every_kimg": 1.0,
                                          "evals.ref": str(tmp_path / "none.npz")})  # fmt: skip
-    with pytest.raises(ValueError, match="no FID statistics at"):  # scm_jax.validate
+    with pytest.raises(ValueError, match="no FID statistics at"):  # scm_jax.config.validate
         train(cfg, tmp_path / "a", log=quiet)
     ref = tmp_path / "ref.npz"
     fid.save_stats(ref, np.zeros(4), np.eye(4), 10, {})

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scm_jax import configlib
+from scm_jax.config import defaults
 from scm_jax.networks import build_network
 
 SIGMA_D = 0.5
@@ -43,7 +43,7 @@ def randomize(params, seed, scale=0.3):
 
 def smoke_config(spec: str, steps: int = 2, **overrides):
     """``spec`` with its smoke settings, ``steps`` optimiser steps, logs every step."""
-    cfg = configlib.load_config(spec)
+    cfg = defaults.load_config(spec)
     with cfg.unlocked():
         cfg.total_kimg = steps * cfg.batch_size / 1000
         cfg.train.log_every_kimg = cfg.batch_size / 1000

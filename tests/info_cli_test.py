@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from scm_jax import cli, configlib
+from scm_jax import cli
+from scm_jax.config import defaults
 from scm_jax.info import format_info, mesh_axis_sizes, model_info, per_device_bytes
 from scm_jax.sharding import DEFAULT_RULES, make_mesh, state_shardings
 from scm_jax.train import aot
@@ -50,7 +51,7 @@ def test_info_table_and_overrides(capsys):
 
 @pytest.mark.slow
 def test_info_of_the_1p5b_xxl_scd_model():
-    config = configlib.load_config("imagenet512:size=xxl,objective=scd")
+    config = defaults.load_config("imagenet512:size=xxl,objective=scd")
     info = model_info(config, devices=64, mesh={"data": 8, "fsdp": 8})
     added = info["params_added_by_scm_conditioning"]
     assert info["params_stock_edm2"] / 1e6 == pytest.approx(1523.4, rel=3e-3)
@@ -147,7 +148,7 @@ def test_per_device_bytes_match_a_hand_count():
 
 def test_state_bytes_per_device_equal_the_shards_jax_makes():
     """info's per-device state = the shard shapes of the real NamedShardings on a 2 x 4 mesh."""
-    config = configlib.load_config("mnist:smoke")
+    config = defaults.load_config("mnist:smoke")
     info = model_info(config, devices=8, mesh={"data": 2, "fsdp": 4}, flops=False)
     assert info["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
     assert info["per_device_batch"] == config.batch_size // 8
@@ -172,7 +173,7 @@ def test_state_bytes_per_device_equal_the_shards_jax_makes():
 
 
 def test_mesh_defaults_to_the_config_with_minus_one_filled():
-    mesh_cfg = configlib.load_config("mnist:smoke").mesh  # data=-1, fsdp=1, tensor=1
+    mesh_cfg = defaults.load_config("mnist:smoke").mesh  # data=-1, fsdp=1, tensor=1
     assert mesh_axis_sizes(mesh_cfg, 8) == {"data": 8, "fsdp": 1, "tensor": 1}
     assert mesh_axis_sizes(mesh_cfg, 8, {"fsdp": 4}) == {"data": 2, "fsdp": 4, "tensor": 1}
     assert mesh_axis_sizes(mesh_cfg, 8, {"data": 1, "fsdp": -1}) == {"data": 1, "fsdp": 8,
@@ -214,12 +215,12 @@ def test_compile_on_8_simulated_devices(capsys):
 
 
 def test_train_step_from_config_refuses_what_training_refuses():
-    config = aot.with_overrides(configlib.load_config("mnist:smoke"), micro_batches=3)
+    config = aot.with_overrides(defaults.load_config("mnist:smoke"), micro_batches=3)
     nd = aot.build_network(config.model)
     with pytest.raises(ValueError, match=r"not divisible by train\.micro_batches 3"):
         aot.train_step_from_config(config, nd)
     with pytest.raises(ValueError, match="sCD needs a teacher"):
-        aot.train_step_from_config(configlib.load_config("mnist:smoke,objective=scd"), nd)
+        aot.train_step_from_config(defaults.load_config("mnist:smoke,objective=scd"), nd)
 
 
 @pytest.mark.parametrize(

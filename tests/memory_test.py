@@ -190,11 +190,11 @@ def test_train_refuses_bad_levers_with_one_line(override, message, tmp_path, cap
 @pytest.mark.slow
 def test_training_loop_runs_with_both_levers(tmp_path):
     """``train()`` with remat='block' and 2 micro-batches on 8 devices: finite metrics."""
-    from scm_jax import configlib
+    from scm_jax.config import defaults
     from scm_jax.train.loop import train
     from scm_jax.train.writers import read_metrics
 
-    cfg = configlib.load_config("mnist:smoke")
+    cfg = defaults.load_config("mnist:smoke")
     with cfg.unlocked():
         cfg.batch_size = 16
         cfg.total_kimg = 2 * 16 / 1000

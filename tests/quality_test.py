@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from scm_jax import cli, config_durations, validate
+from scm_jax import cli
+from scm_jax.config import durations as config_durations
+from scm_jax.config import validate
 
 
 @pytest.fixture

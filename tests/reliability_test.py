@@ -18,7 +18,8 @@ import pytest
 from conftest import REPO
 from helpers import folder_digest, quiet, read_and_react, smoke_config, tree_bytes
 
-from scm_jax import config_checks, configlib, validate
+from scm_jax.config import checks as config_checks
+from scm_jax.config import defaults, validate
 from scm_jax.data.arrays import batch_indices
 from scm_jax.train.checkpoint import (
     Checkpointer,
@@ -210,7 +211,7 @@ def test_sigterm_to_a_training_process_then_resume_equals_an_uninterrupted_run(t
     assert 10 <= cut < steps
     assert Checkpointer(tmp_path / "cut", read_only=True).all_steps() == [cut]
 
-    cfg = configlib.load_config("toy_gmm:smoke")
+    cfg = defaults.load_config("toy_gmm:smoke")
     with cfg.unlocked():
         cfg.total_kimg = steps * BATCH / 1000
         cfg.train.log_every_kimg = 10 * BATCH / 1000
@@ -346,16 +347,16 @@ def test_checkpoint_of_another_run_is_refused_naming_the_difference(tmp_path):
 
 @pytest.mark.parametrize("name", ["toy_gmm", "mnist", "cifar10", "imagenet64", "imagenet512"])
 def test_every_shipped_config_passes_validation(name):
-    for objective in configlib.OBJECTIVES:
+    for objective in defaults.OBJECTIVES:
         for smoke in ("", ",smoke"):
-            cfg = configlib.load_config(f"{name}:objective={objective}{smoke}")
+            cfg = defaults.load_config(f"{name}:objective={objective}{smoke}")
             found = validate.problems(cfg, check_paths=False)
             needs_paths = ("sCD needs a teacher", "dataset.source='latents' needs")
             assert [p for p in found if not p.startswith(needs_paths)] == [], (name, objective)
 
 
 def test_validation_lists_every_problem_one_line_each():
-    cfg = configlib.load_config("mnist:smoke")
+    cfg = defaults.load_config("mnist:smoke")
     with cfg.unlocked():
         cfg.trigflow.P_std = 0.0
         cfg.model.dropout = 1.0
@@ -389,7 +390,7 @@ def test_validation_lists_every_problem_one_line_each():
 
 
 def test_new_sections_register_their_checks():
-    cfg = configlib.load_config("toy_gmm:smoke")
+    cfg = defaults.load_config("toy_gmm:smoke")
     with cfg.unlocked():
         cfg.newobjective = {"fake_lr": -1.0, "typo": 0}
     assert validate.problems(cfg) == []  # unknown section: not refused here

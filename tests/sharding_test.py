@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from scm_jax import configlib
+from scm_jax.config import defaults
 from scm_jax.networks import build_network
 from scm_jax.sharding import (
     DEFAULT_RULES,
@@ -87,7 +87,7 @@ def test_bad_rules_are_refused():
         check_rules([("out", "model")])
     with pytest.raises(ValueError, match="expected \\(logical name"):
         check_rules([("out",)])
-    cfg = configlib.load_config("mnist:smoke")
+    cfg = defaults.load_config("mnist:smoke")
     with cfg.unlocked():
         cfg.mesh.rules = (("out", "model"),)
     with pytest.raises(ValueError, match="mesh axes are data, fsdp, tensor"):
@@ -102,7 +102,7 @@ def test_bad_mesh_and_batch_fail_before_compiling(tmp_path):
              ({"mesh.fsdp": 8, "batch_size": 12}, "batch_size 12 is not divisible by data x fsdp"),
              ({"mesh.rules": (("out", "model"),)}, "names the mesh axis")]  # fmt: skip
     for over, message in cases:
-        cfg = configlib.load_config("mnist:smoke")
+        cfg = defaults.load_config("mnist:smoke")
         with cfg.unlocked():
             for k, v in over.items():
                 section, _, name = k.rpartition(".")
@@ -117,7 +117,7 @@ def test_bad_mesh_and_batch_fail_before_compiling(tmp_path):
 
 
 def xxl_specs() -> dict[str, dict[str, str]]:
-    cfg = configlib.load_config("imagenet512:size=xxl,objective=scd")
+    cfg = defaults.load_config("imagenet512:size=xxl,objective=scd")
     abstract = build_network(cfg.model).abstract_params()
     return {name: describe_specs(tree_specs(abstract, sizes, DEFAULT_RULES))
             for name, sizes in GOLDEN_MESHES.items()}  # fmt: skip

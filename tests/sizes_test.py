@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import pytest
 
-from scm_jax import configlib
+from scm_jax.config import defaults
 from scm_jax.info import network_flops, stock_edm2_config
 from scm_jax.networks import build_network
 
@@ -23,7 +23,7 @@ EDM2 = {
 @pytest.mark.slow
 @pytest.mark.parametrize("size", sorted(EDM2))
 def test_stock_edm2_params_and_flops_match(size):
-    cfg = configlib.load_config(f"imagenet512:size={size},objective=diffusion")
+    cfg = defaults.load_config(f"imagenet512:size={size},objective=diffusion")
     nd = build_network(stock_edm2_config(cfg.model))
     params = nd.abstract_params()
     n = sum(p.size for p in jax.tree.leaves(params))
@@ -36,7 +36,7 @@ def test_stock_edm2_params_and_flops_match(size):
 @pytest.mark.parametrize("size", ["s", "xxl"])
 def test_scm_conditioning_adds_the_adn_shift_and_guidance_layers(size):
     """ADN adds one C_emb x C_out shift projection per block; guidance one C_noise x C_emb layer."""
-    cfg = configlib.load_config(f"imagenet512:size={size},objective=scd")
+    cfg = defaults.load_config(f"imagenet512:size={size},objective=scd")
     scm = build_network(cfg.model).abstract_params()["net"]
     stock = build_network(stock_edm2_config(cfg.model)).abstract_params()["net"]
 
@@ -58,7 +58,7 @@ def test_dmd_and_rcm_states_hold_a_critic_of_the_student_size(objective):
     """The critic (fake score) has the student's parameters and optimizer state, sharded alike."""
     from scm_jax.info import model_info
 
-    cfg = configlib.load_config(f"imagenet512:size=s,objective={objective}")
+    cfg = defaults.load_config(f"imagenet512:size=s,objective={objective}")
     info = model_info(cfg, devices=64, mesh={"data": 8, "fsdp": 8}, flops=False)
     total, per_device = info["state_bytes_breakdown"], info["state_bytes_per_device_breakdown"]
     for b in (total, per_device):

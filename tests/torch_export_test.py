@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from helpers import SIGMA_D, randomize
 
-from scm_jax import configlib, sampling, trigflow
+from scm_jax import sampling, trigflow
+from scm_jax.config import defaults
 from scm_jax.data.scale import DataScale
 from scm_jax.export.files import export_config, load_export, save_export, tree_equal
 from scm_jax.export.stablehlo import consistency_noise
@@ -84,7 +85,7 @@ CASES = {
         "c_noise_mode": "edm",
         "num_classes": 0,
     },
-    "small_mnist": dict(configlib.load_config("mnist:smoke").model),
+    "small_mnist": dict(defaults.load_config("mnist:smoke").model),
 }
 
 
@@ -364,7 +365,7 @@ def test_scd_starts_from_imported_edm2(tmp_path):
     from scm_jax.export.edm2 import import_edm2
     from scm_jax.train.loop import train
 
-    m = configlib.load_config("mnist:smoke").model
+    m = defaults.load_config("mnist:smoke").model
     ref = edm2_reference(
         label_dim=m.num_classes,
         res=m.img_resolution,

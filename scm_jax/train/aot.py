@@ -30,8 +30,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from scm_jax import sharding
-from scm_jax.config_durations import resolve_durations
-from scm_jax.configlib import DISTILL_OBJECTIVES, DMD_OBJECTIVES
+from scm_jax.config.defaults import DISTILL_OBJECTIVES, DMD_OBJECTIVES
+from scm_jax.config.durations import resolve_durations
 from scm_jax.guidance import ApplyFn
 from scm_jax.losses import proposal_time_edges
 from scm_jax.networks import NetworkDef, build_network

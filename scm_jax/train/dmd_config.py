@@ -2,7 +2,7 @@
 state with its critic, and the step (``scm_jax.train.step_dmd``).
 
 The training loop and ``scm_jax.train.aot`` call these for ``objective`` in
-``configlib.DMD_OBJECTIVES``; :func:`validate_dmd_config` is one function a config-validation
+``defaults.DMD_OBJECTIVES``; :func:`validate_dmd_config` is one function a config-validation
 module can call for every config (it checks nothing for the other objectives).
 """
 
@@ -16,7 +16,8 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from scm_jax.config_durations import resolve_durations
+from scm_jax.config.durations import resolve_durations
+from scm_jax.config.validate import ConfigError, dmd_problems
 from scm_jax.guidance import ApplyFn
 from scm_jax.losses import proposal_time_edges
 from scm_jax.networks import NetworkDef
@@ -26,14 +27,13 @@ from scm_jax.train.metrics import NUM_TIME_BINS
 from scm_jax.train.state import TrainState
 from scm_jax.train.step import StepFn
 from scm_jax.train.step_dmd import DMDOptions, init_dmd_state, make_dmd_train_step
-from scm_jax.validate import ConfigError, dmd_problems
 
 
 def validate_dmd_config(config: ml_collections.ConfigDict) -> None:
-    """Raise ``scm_jax.validate.ConfigError`` (a ValueError; one line per problem) for a dmd /
-    rcm config that cannot train: the ``dmd`` section's ranges, the teacher's guidance against
+    """Raise ``scm_jax.config.checks.ConfigError`` (a ValueError; one line per problem) for a
+    dmd / rcm config that cannot train: the ``dmd`` section's ranges, the teacher's guidance against
     the student, ``train.micro_batches`` = 1 (no gradient accumulation for DMD / rCM). Other
-    objectives are not checked. ``scm-jax train`` checks the same in ``scm_jax.validate``.
+    objectives are not checked. ``scm-jax train`` checks the same in ``scm_jax.config.validate``.
     """
     found = dmd_problems(config)
     if found:

@@ -1,5 +1,5 @@
 """Periodic FID and consistency error during training: the config's ``evals`` section
-(``configlib.EVAL_DEFAULTS``).
+(``defaults.EVAL_DEFAULTS``).
 
 With ``evals.every_kimg > 0`` the loop evaluates the first EMA every that many kimg and at the
 end: consistency runs at each of ``evals.steps``, diffusion runs with EDM Heun at

@@ -5,7 +5,7 @@ and (for sCD) the teacher, creates the train state directly in its FSDP sharding
 workdir's latest checkpoint, data position and RNG included), then steps a jitted, state-donating
 update, logging metrics, writing sample grids and checkpoints at the config's intervals (in
 images; post-hoc EMA snapshots with ``ema.snapshot_every_kimg``, ``scm_jax.train.snapshots``).
-The config is validated first (``scm_jax.validate``: every problem at once, before
+The config is validated first (``scm_jax.config.validate``: every problem at once, before
 anything is compiled or loaded), then the workdir is locked (one trainer per workdir:
 ``scm_jax.train.lock``). SIGTERM / SIGINT (and JAX's preemption notices on multi-host runs)
 stop it after the current step with a checkpoint, so a preempted job resumes exactly where it
@@ -28,7 +28,9 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from scm_jax import config_durations, configlib
+from scm_jax.config import defaults
+from scm_jax.config import durations as config_durations
+from scm_jax.config.validate import validate
 from scm_jax.data.prefetch import Prefetcher
 from scm_jax.data.scale import data_scale
 from scm_jax.data.sources import load_dataset
@@ -56,7 +58,6 @@ from scm_jax.train.workdir import (
     run_identity,
 )
 from scm_jax.train.writers import create_writers
-from scm_jax.validate import validate
 
 
 def every_steps(kimg: float, batch_size: int) -> int:
@@ -124,7 +125,7 @@ def train(
       'metrics' (the last logged scalars), 'evals' ({step: periodic FID scalars}),
       'consistency' ({step: consistency-error scalars})}``.
     Raises:
-      ValueError (``scm_jax.validate.ConfigError``: every problem of the config, one line each)
+      ValueError (``scm_jax.config.checks.ConfigError``: every problem of the config, one per line)
       / FileNotFoundError / CheckpointError with a clear message for a bad config, missing data
       or teacher, a workdir holding another run or no readable checkpoint, or one in use by
       another trainer (``WorkdirInUseError``, ``scm_jax.train.lock``); nothing is overwritten.
@@ -158,7 +159,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable
         )
     check_data_std(source, sigma_d, log)
     scale = data_scale(config.dataset, sigma_d)
-    distil = config.objective in configlib.DISTILL_OBJECTIVES  # sCD, DMD, rCM
+    distil = config.objective in defaults.DISTILL_OBJECTIVES  # sCD, DMD, rCM
     teacher = load_teacher(config, mesh) if distil else None
     consistency = PeriodicConsistency.create(config, mesh, source, teacher, workdir, log,
                                              is_main_process=is_main)  # fmt: skip
@@ -170,7 +171,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable
     per_leaf = mesh.shape["fsdp"] * mesh.shape["tensor"] > 1  # params split: draw per leaf
 
     def make_state(key, init_net):
-        if config.objective in configlib.DMD_OBJECTIVES:  # with the critic (train.step_dmd)
+        if config.objective in defaults.DMD_OBJECTIVES:  # with the critic (train.step_dmd)
             return state_fn(config, nd, tx, per_leaf=per_leaf)(key, init_net)
         return init_state(nd, tx, key, **ema_cfg, init_net=init_net, per_leaf=per_leaf)
 
@@ -204,7 +205,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable
     start = int(state.step)
     cm = config.objective != "diffusion"
     dmd_step = None
-    if config.objective in configlib.DMD_OBJECTIVES:  # generator + critic (train.step_dmd)
+    if config.objective in defaults.DMD_OBJECTIVES:  # generator + critic (train.step_dmd)
         dmd_step = train_step_from_config(config, nd, teacher.apply_fn, mesh=mesh, tx=tx,
                                           schedule=schedule)  # fmt: skip
     step_fn = dmd_step or make_train_step(

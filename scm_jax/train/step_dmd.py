@@ -41,7 +41,7 @@ from jax.sharding import NamedSharding
 
 from scm_jax import ema as ema_lib
 from scm_jax import trigflow
-from scm_jax.configlib import DMD_OBJECTIVES
+from scm_jax.config.defaults import DMD_OBJECTIVES
 from scm_jax.guidance import ApplyFn, sample_guidance_scale
 from scm_jax.losses import (
     consistency_loss,
@@ -74,7 +74,7 @@ PAIRS_KEY = 0xFFFFFFFF  # fold_in index of the fixed regression-noise pool (step
 
 @dataclasses.dataclass(frozen=True)
 class DMDOptions:
-    """The ``dmd`` config section as step options (``configlib.DMD_DEFAULTS`` documents them)."""
+    """The ``dmd`` config section as step options (``defaults.DMD_DEFAULTS`` documents them)."""
 
     weight: float = 1.0
     start_step: int = 0

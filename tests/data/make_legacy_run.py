@@ -32,13 +32,14 @@ NUM, SEED, STEPS = 16, 0, (1, 2)
 def main() -> None:
     import numpy as np
 
-    from scm_jax import cli, configlib
+    from scm_jax import cli
+    from scm_jax.config import defaults
     from scm_jax.sampler import load_sampler
     from scm_jax.train.loop import train
 
     if OUT.exists():
         shutil.rmtree(OUT)
-    cfg = configlib.load_config("toy_gmm:smoke")
+    cfg = defaults.load_config("toy_gmm:smoke")
     with cfg.unlocked():
         cfg.dataset.source = "synthetic"
         cfg.dataset.num_classes = cfg.model.num_classes = 3

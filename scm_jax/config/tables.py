@@ -1,4 +1,4 @@
-"""The field tables of config validation (``scm_jax.validate``): each section's keys and the
+"""The field tables of config validation (``scm_jax.config.validate``): each section's keys and the
 check of each (type, range or choice), and the top-level fields. A key with a leading ``?`` is
 optional (not every config has it)."""
 
@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import math
 
-from scm_jax import configlib, networks
-from scm_jax.config_checks import (
+from scm_jax import networks
+from scm_jax.config import defaults
+from scm_jax.config.checks import (
     Check,
     boolean,
     integer,
@@ -30,7 +31,7 @@ DTYPES = tuple(networks._DTYPES)  # model.dtype / param_dtype names build_networ
 # A key with a leading '?' is optional (not every config has it).
 SECTIONS: dict[str, dict[str, Check]] = {
     "dataset": {
-        "name": text(), "source": one_of(configlib.DATA_SOURCES), "path": text(),
+        "name": text(), "source": one_of(defaults.DATA_SOURCES), "path": text(),
         "tfds_name": text(), "tfds_data_dir": text(), "split": text(),
         "shape": sequence(integer(1), nonempty=True), "num_classes": integer(0),
         "flip": boolean(), "num_examples": integer(0), "latent_mean": sequence(real()),
@@ -83,7 +84,7 @@ SECTIONS: dict[str, dict[str, Check]] = {
         "consistency_times": sequence(real(gt=0, lt=math.pi / 2)),
         "consistency_heun_steps": integer(1), "consistency_teacher": text(),
     },
-    "dmd": {  # objectives dmd, rcm (configlib.DMD_DEFAULTS); cross-field rules in _dmd
+    "dmd": {  # objectives dmd, rcm (defaults.DMD_DEFAULTS); cross-field rules in _dmd
         "weight": real(ge=0), "start_step": integer(0), "start_kimg": real(ge=0),
         "start_fraction": real(ge=0, le=1), "P_mean": real(), "P_std": real(gt=0),
         "critic_updates": integer(1), "critic_lr": real(ge=0),
@@ -100,13 +101,13 @@ SECTIONS: dict[str, dict[str, Check]] = {
 }  # fmt: skip
 # Top-level fields (not sections).
 FIELDS: dict[str, Check] = {
-    "objective": one_of(lambda: configlib.OBJECTIVES), "batch_size": integer(1),
+    "objective": one_of(lambda: defaults.OBJECTIVES), "batch_size": integer(1),
     "total_kimg": real(gt=0), "seed": integer(0), "init_from": text(),
 }  # fmt: skip
 
 
-# Sections whose keys configlib defines: a key added there is known even before it has a check.
-_DEFAULTS = {"dataset": configlib.DATASET_DEFAULTS, "train": configlib.TRAIN_DEFAULTS,
-             "ema": configlib.EMA_DEFAULTS,
-             "evals": configlib.EVAL_DEFAULTS, "mesh": configlib.MESH_DEFAULTS,
-             "dmd": configlib.DMD_DEFAULTS}  # fmt: skip
+# Sections whose keys config.defaults defines: a key added there is known before it has a check.
+_DEFAULTS = {"dataset": defaults.DATASET_DEFAULTS, "train": defaults.TRAIN_DEFAULTS,
+             "ema": defaults.EMA_DEFAULTS,
+             "evals": defaults.EVAL_DEFAULTS, "mesh": defaults.MESH_DEFAULTS,
+             "dmd": defaults.DMD_DEFAULTS}  # fmt: skip

@@ -19,7 +19,12 @@ from pathlib import Path
 
 import ml_collections
 
-REPO_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+REPO_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+# Where a ValueError is the argument check of a config's ``get_config(arg)`` (parse_arg,
+# check_choice): its message already says what to fix.
+_ARGUMENT_CHECKERS = {Path(__file__).resolve(), Path(__file__).resolve().with_name("defaults.py")}
 
 
 class ConfigFileError(ValueError):
@@ -116,8 +121,8 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
         if (
             isinstance(e, ValueError)
             and frames
-            and Path(frames[-1].filename).name in ("configlib.py", "config_files.py")
-        ):  # the argument checks of configlib (parse_arg): the message says what to fix
+            and Path(frames[-1].filename).resolve() in _ARGUMENT_CHECKERS
+        ):  # the argument checks of config.defaults (parse_arg): the message says what to fix
             raise ConfigFileError(str(e).strip()) from None
         raise _fail(path, e, f"get_config({arg or None!r}) failed") from None
     if not isinstance(config, ml_collections.ConfigDict):

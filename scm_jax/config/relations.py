@@ -1,6 +1,6 @@
-"""The cross-field rules of config validation (``scm_jax.validate``): each takes a config (a
+"""The cross-field rules of config validation (``scm_jax.config.validate``): each takes a config (a
 plain dict) and ``check_paths`` and returns its problems, one line each. :data:`RELATIONS` is the
-list ``problems`` runs; ``scm_jax.validate.register_relation`` adds to it."""
+list ``problems`` runs; ``scm_jax.config.validate.register_relation`` adds to it."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from scm_jax import config_durations, configlib
-from scm_jax.config_tables import FIELDS, SECTIONS
+from scm_jax.config import defaults
+from scm_jax.config import durations as config_durations
+from scm_jax.config.tables import FIELDS, SECTIONS
 from scm_jax.train.workdir import CONFIG_FILE as RUN_CONFIG
 
 Relation = Callable[[Mapping[str, Any], bool], "list[str]"]  # (config, check_paths) -> problems
@@ -120,7 +121,7 @@ def _durations(cfg: Mapping[str, Any], check_paths: bool) -> list[str]:
             out.append(f"{names} are both set; give the duration in one unit (steps, kimg or "
                        "fraction of the run) and set the others to 0")  # fmt: skip
             continue
-        if section == "dmd" and cfg.get("objective") not in configlib.DMD_OBJECTIVES:
+        if section == "dmd" and cfg.get("objective") not in defaults.DMD_OBJECTIVES:
             continue
         steps = config_durations.duration_steps(cfg, section, *fields)
         if section == "loss" and cfg.get("objective") in ("sct", "scd", "rcm") and steps > total:
@@ -233,9 +234,9 @@ def _consistency(cfg: Mapping[str, Any], check_paths: bool) -> list[str]:
 
 
 def _dmd(cfg: Mapping[str, Any], check_paths: bool) -> list[str]:
-    """DMD / rCM (objectives in configlib.DMD_OBJECTIVES): the regression batch, the teacher's
+    """DMD / rCM (objectives in defaults.DMD_OBJECTIVES): the regression batch, the teacher's
     guidance against the student, no gradient accumulation. Other objectives: nothing."""
-    if not _ok(cfg, "objective") or cfg["objective"] not in configlib.DMD_OBJECTIVES:
+    if not _ok(cfg, "objective") or cfg["objective"] not in defaults.DMD_OBJECTIVES:
         return []
     out: list[str] = []
     if _ok(cfg, "dmd.regression_batch", "batch_size"):

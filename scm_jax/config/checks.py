@@ -1,5 +1,5 @@
-"""The checks config validation is built from (``scm_jax.validate``): each maps a value to what
-is wrong with it (one phrase) or None, and :class:`ConfigError` carries every problem found.
+"""The checks config validation is built from (``scm_jax.config.validate``): each maps a value
+to what is wrong with it (one phrase) or None, and :class:`ConfigError` carries every problem found.
 
 A new section's table (``validate.register_section``) is written with these constructors.
 """
