@@ -38,6 +38,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from scm_jax import objectives
 from scm_jax.files import write_json_atomic
 
 __all__ = [
@@ -126,7 +127,7 @@ def suite_config(
         cfg.model.param_dtype = "float32"
         if dropout is not None:
             cfg.model.dropout = float(dropout)
-        if name == "scd" and not cfg_teacher:
+        if objectives.get(name).needs_teacher and not cfg_teacher:  # plain 'scd': no CFG
             cfg.model.guidance_input = False
             cfg.teacher.guidance_max = 1.0
     return cfg

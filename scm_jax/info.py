@@ -31,8 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh, PartitionSpec
 
-from scm_jax import sharding
-from scm_jax.config.defaults import DISTILL_OBJECTIVES, DMD_OBJECTIVES
+from scm_jax import objectives, sharding
 from scm_jax.flops import count_flops
 from scm_jax.networks import NetworkDef, build_network
 from scm_jax.optim import make_optimizer
@@ -224,7 +223,7 @@ def model_info(
         "params": (state.params, False),
         "optimizer": (state.opt_state, False),
         "ema": (state.emas, False),
-        "teacher": (p_teacher if config.objective in DISTILL_OBJECTIVES else None, False),
+        "teacher": (p_teacher if objectives.get(config.objective).needs_teacher else None, False),
         "critic": (state.critic, False),  # DMD / rCM: the fake score and its optimiser state
         "step_and_key": ((state.step, state.rng), True),  # replicated (train.state)
     }
@@ -311,12 +310,18 @@ def _flops_info(
     """FLOP keys of :func:`model_info` from the student's and teacher's traced FLOPs."""
     F, J, G = flops["forward"], flops["jvp"], flops["fwd_bwd"]
     T = teacher_fwd
-    per_sample = {"diffusion": G, "sct": J + G, "scd": T + J + G, "scd_cfg": 2 * T + J + G}
-    selected = {"diffusion": "diffusion", "sct": "sct", "scd": "scd_cfg" if guided else "scd"}
-    if config.objective in DMD_OBJECTIVES:
-        per_sample[config.objective] = _dmd_flops(F, J, G, T, guided, config)
-        selected[config.objective] = config.objective
-    step_key = selected[config.objective]
+    c = 2 if guided else 1  # teacher passes per sample: CFG evaluates it twice
+    per_sample = {}  # every sCM-step objective's cost (the table's convention, reference A2)
+    for name in objectives.names_where(lambda o: not o.critic):
+        per_sample[name] = objectives.get(name).step_flops(F, J, G, T)
+        if objectives.get(name).tangent_from_teacher:
+            per_sample[f"{name}_cfg"] = objectives.get(name).step_flops(F, J, G, T, cfg_passes=2)
+    entry = objectives.get(config.objective)
+    if entry.critic:
+        critic_step = _dmd_flops(F, G, T, guided, config)
+        per_sample[config.objective] = entry.step_flops(F, J, G, T, cfg_passes=c,
+                                                        critic_step=critic_step)  # fmt: skip
+    step_key = f"{entry.name}_cfg" if guided and f"{entry.name}_cfg" in per_sample else entry.name
     return {
         "forward_gflops": F / 1e9,
         "jvp_gflops": J / 1e9,
@@ -329,15 +334,14 @@ def _flops_info(
     }
 
 
-def _dmd_flops(
-    F: int, J: int, G: int, T: int, guided: bool, config: ml_collections.ConfigDict
-) -> float:
-    """Expected FLOPs per sample of one DMD / rCM step (one generator update).
+def _dmd_flops(F: int, G: int, T: int, guided: bool, config: ml_collections.ConfigDict) -> float:
+    """Expected FLOPs per sample of one DMD step (one generator update), before rCM's sCD
+    term (which :meth:`scm_jax.objectives.Objective.step_flops` adds: c T + J + G).
 
     With k critic updates, rollouts of n ~ U{1..N} steps (mean n = (N + 1) / 2), c = 2 teacher
     passes with CFG (else 1) and the critic of the student's architecture:
     k (n F + G) + (n - 1) F + G + F + c T, plus (r / B)((2 s - 1) c T + G) for DMD's regression
-    term on r of B samples with s Heun steps, plus rCM's sCD terms c T + J + G.
+    term on r of B samples with s Heun steps.
     """
     d = config.dmd
     k, n = int(d.critic_updates), (int(d.generator_steps) + 1) / 2
@@ -346,8 +350,6 @@ def _dmd_flops(
     if d.regression_weight:
         r = int(d.regression_batch) or int(config.batch_size)
         total += r / config.batch_size * ((2 * int(d.regression_steps) - 1) * c * T + G)
-    if config.objective == "rcm":
-        total += c * T + J + G
     return total
 
 

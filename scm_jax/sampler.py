@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scm_jax import sampling, trigflow
+from scm_jax import objectives, sampling, trigflow
 from scm_jax.data.scale import DataScale, data_scale
 from scm_jax.networks import NetworkDef
 
@@ -97,7 +97,7 @@ class Sampler:
         g = self.guidance if guidance is None else guidance
         if self.nd.guidance_input:
             return jnp.asarray(np.full((n,), 1.0 if g is None else float(g), np.float32))
-        if guidance is not None and self.objective != "diffusion":
+        if guidance is not None and not objectives.is_diffusion(self.objective):
             raise ValueError("this model has no guidance input; do not pass guidance")
         return None
 
@@ -125,7 +125,7 @@ class Sampler:
         key = ("sample", steps, b)
         if key not in self._cache:
             shape = (b, *self.shape)
-            if self.objective == "diffusion":
+            if objectives.is_diffusion(self.objective):
                 fn, _ = sampling.make_ode_sampler(self.nd.apply_fn, shape, steps, self.sigma_d,
                                                   sigma_max=self.sigma_max)  # fmt: skip
             else:
@@ -141,7 +141,7 @@ class Sampler:
     def nfe(self, steps: int) -> int:
         """Network evaluations per sample of ``steps``: ``steps`` for consistency sampling,
         ``2 steps - 1`` for the EDM Heun sampler of a diffusion run (twice that with CFG)."""
-        return sampling.ode_nfe(steps) if self.objective == "diffusion" else int(steps)
+        return sampling.ode_nfe(steps) if objectives.is_diffusion(self.objective) else int(steps)
 
     def batch_fn(self, steps: int, batch: int, sharding: Any = None):
         """The jitted ``fn(params, key, labels, guidance) -> (batch, *shape)`` float32 samples in
@@ -172,7 +172,7 @@ class Sampler:
             guidance for an unconditional diffusion model).
         """
         y = self._labels(labels, batch)
-        if self.objective != "diffusion":
+        if not objectives.is_diffusion(self.objective):
             return y, self._guidance(guidance, batch)
         if guidance is None:
             return y, None

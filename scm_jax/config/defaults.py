@@ -14,6 +14,7 @@ from typing import Any
 
 import ml_collections
 
+from scm_jax import objectives
 from scm_jax.config.files import (  # noqa: F401  (re-exported: defaults.load_config)
     REPO_CONFIG_DIR,
     ConfigFileError,
@@ -23,11 +24,11 @@ from scm_jax.config.files import (  # noqa: F401  (re-exported: defaults.load_co
 from scm_jax.data.sources import DATA_SOURCES, DATASET_DEFAULTS  # noqa: F401  (re-exported)
 from scm_jax.sharding import DEFAULT_RULES
 
-OBJECTIVES = ("diffusion", "sct", "scd", "dmd", "rcm")
-# Objectives with a generator and a fake-score critic (``scm_jax.train.step_dmd``), and those that
-# distil a teacher.
-DMD_OBJECTIVES = ("dmd", "rcm")
-DISTILL_OBJECTIVES = ("scd", "dmd", "rcm")
+# For config files, read from the objective table (scm_jax.objectives), which knows the rest:
+# every objective, those that distil a teacher, those with a fake-score critic (train.step_dmd).
+OBJECTIVES = objectives.names()
+DISTILL_OBJECTIVES = objectives.names_where(lambda o: o.needs_teacher)
+DMD_OBJECTIVES = objectives.names_where(lambda o: o.critic)
 # The ``train`` section: intervals in thousands of images (0 = never, except at the end).
 TRAIN_DEFAULTS: dict[str, Any] = {
     "log_every_kimg": 5.0,  # console line, metrics.jsonl and TensorBoard scalars
@@ -283,6 +284,7 @@ def assemble(
         {"sigma_max": sigma_max, "t_mid": t_mid, "P_mean": P_mean, "P_std": P_std}
     )
     cfg.trigflow.sigma_d = sd
+    entry = objectives.get(objective)
     cfg.loss = {
         "tangent_c": tangent_c,  # tangent normalisation g / (||g|| + c)
         "tangent_norm": "l2",  # 'l2' over all elements (paper) or 'rms'; docs/method.md
@@ -290,8 +292,8 @@ def assemble(
         "tangent_warmup_steps": tangent_warmup_steps,
         "tangent_warmup_kimg": tangent_warmup_kimg,
         "tangent_warmup_fraction": tangent_warmup_fraction,
-        "warmup_form": "rcm" if objective == "rcm" else "scm",  # 'scm' (Alg. 1) or 'rcm'
-        "adaptive_weighting": objective != "rcm",  # False: fixed prior weight (rCM: none)
+        "warmup_form": entry.warmup_form,  # 'scm' (Alg. 1) or 'rcm'
+        "adaptive_weighting": entry.adaptive_weighting,  # False: fixed prior weight (rCM: none)
         "mask_nonfinite": True,  # drop samples whose target is not finite (counted)
     }
     cfg.teacher = teacher or {"workdir": "", "guidance_min": 1.0, "guidance_max": 1.0}
@@ -333,10 +335,11 @@ def dmd_options(
     config's consistency proposal (``P_mean``, ``P_std``; sCM's adaptive VSD). Other objectives:
     {} (the defaults, unused).
     """
-    if objective not in DMD_OBJECTIVES:
+    entry = objectives.get(objective)
+    if not entry.critic:
         return {}
     common = {"critic_P_mean": P_mean, "critic_P_std": P_std}
-    if objective == "dmd":
+    if not entry.scm_term:  # DMD alone: DMD2's recipe; with sCM's term: rCM's
         return {**common, "critic_updates": 5, "critic_lr": lr, "generator_steps": 1,
                 "rollout": "fixed"}  # fmt: skip
     start = {"start_step": tangent_warmup_steps, "start_kimg": tangent_warmup_kimg,

@@ -9,12 +9,24 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from scm_jax.config import defaults
+from scm_jax import objectives
 from scm_jax.config import durations as config_durations
 from scm_jax.config.tables import FIELDS, SECTIONS
 from scm_jax.train.workdir import CONFIG_FILE as RUN_CONFIG
 
 Relation = Callable[[Mapping[str, Any], bool], "list[str]"]  # (config, check_paths) -> problems
+
+
+def _objective(cfg: Mapping[str, Any]) -> objectives.Objective | None:
+    """The config's entry of the objective table, or None for a missing or unknown name (which
+    the field checks report)."""
+    name = cfg.get("objective")
+    return objectives.get(name) if objectives.known(name) else None
+
+
+def _sections_read(objective: objectives.Objective | None) -> tuple[str, ...]:
+    """The config sections whose durations the objective's training reads."""
+    return ("loss",) if objective is None else tuple({"loss", objective.validation_section})
 
 
 def _ok(cfg: Mapping[str, Any], *paths: str) -> bool:
@@ -106,6 +118,7 @@ def _normalization(cfg: Mapping[str, Any]) -> list[str]:
 
 def _durations(cfg: Mapping[str, Any], check_paths: bool) -> list[str]:
     """Each duration in one unit only; the tangent warm-up and the DMD start within the run."""
+    objective = _objective(cfg)
     if not _ok(cfg, "total_kimg", "batch_size"):
         return []
     out: list[str] = []
@@ -121,17 +134,19 @@ def _durations(cfg: Mapping[str, Any], check_paths: bool) -> list[str]:
             out.append(f"{names} are both set; give the duration in one unit (steps, kimg or "
                        "fraction of the run) and set the others to 0")  # fmt: skip
             continue
-        if section == "dmd" and cfg.get("objective") not in defaults.DMD_OBJECTIVES:
+        if section not in _sections_read(objective):  # e.g. dmd.start_* of an sCD config
             continue
         steps = config_durations.duration_steps(cfg, section, *fields)
-        if section == "loss" and cfg.get("objective") in ("sct", "scd", "rcm") and steps > total:
+        if section == "loss" and objective and objective.scm_term and steps > total:
             out.append(
                 f"the tangent warm-up ({steps} steps, {given[0] if given else fields[0]})"
                 f" is longer than the run ({total} steps = total_kimg "
                 f"{cfg['total_kimg']:g} at batch {cfg['batch_size']}); shorten it, e.g. "
                 "--config.loss.tangent_warmup_fraction=0.1 (and the other units 0)"
             )
-        if section == "dmd" and steps > total:
+        if section == "loss":
+            continue
+        if steps > total:  # dmd.start_*
             out.append(f"dmd start ({steps} steps) is after the end of the run ({total} steps): "
                        "the DMD term would never act; lower dmd.start_*")  # fmt: skip
     if _ok(cfg, "ema.halflife_kimg") and cfg["ema"].get("halflife_fraction"):
@@ -149,7 +164,10 @@ def _teacher(cfg: Mapping[str, Any], check_paths: bool) -> list[str]:
     if t["guidance_min"] > t["guidance_max"]:
         out.append(f"teacher.guidance_min={t['guidance_min']!r} > teacher.guidance_max="
                    f"{t['guidance_max']!r}: the CFG scale is drawn from [min, max]")  # fmt: skip
-    if cfg["objective"] != "scd" or t.get("kind") == "exact_gmm":
+    objective = _objective(cfg)  # the sCM step's teacher (DMD / rCM: _dmd)
+    if not (objective and objective.needs_teacher and not objective.critic):
+        return out
+    if t.get("kind") == "exact_gmm":
         return out
     if not t["workdir"]:
         out.append(
@@ -210,10 +228,10 @@ def _consistency(cfg: Mapping[str, Any], check_paths: bool) -> list[str]:
     keys = ("evals.consistency_every_kimg", "evals.consistency_teacher", "objective")
     if not _ok(cfg, *keys) or cfg["evals"]["consistency_every_kimg"] <= 0:
         return []
-    ev, objective, out = cfg["evals"], cfg["objective"], []
+    ev, objective, out = cfg["evals"], _objective(cfg), []
     every = f"evals.consistency_every_kimg={ev['consistency_every_kimg']}"
     teacher, source = ev["consistency_teacher"], cfg["dataset"].get("source")
-    if objective == "diffusion":
+    if objective and not objective.consistency:
         out.append(f"{every}: a diffusion run is the teacher itself; measure it with `scm-jax "
                    "eval --workdir DIR --consistency`, or set it to 0")  # fmt: skip
     elif teacher == "exact_gmm" and source != "toy_gmm":
@@ -223,7 +241,7 @@ def _consistency(cfg: Mapping[str, Any], check_paths: bool) -> list[str]:
             Path(teacher) / RUN_CONFIG).is_file():  # fmt: skip
         out.append(f"evals.consistency_teacher {teacher!r} is not a training run's folder (no "
                    f"{RUN_CONFIG}); point it at a diffusion run's --workdir")  # fmt: skip
-    elif not teacher and objective == "sct" and not cfg.get("init_from"):
+    elif not teacher and objective and not objective.needs_teacher and not cfg.get("init_from"):
         out.append(f"{every}: sCT has no teacher to compare with; set --config.evals."
                    "consistency_teacher=DIR (a diffusion run) or exact_gmm")  # fmt: skip
     if _ok(cfg, "evals.consistency_times", "trigflow.sigma_max", "trigflow.sigma_d"):
@@ -234,9 +252,10 @@ def _consistency(cfg: Mapping[str, Any], check_paths: bool) -> list[str]:
 
 
 def _dmd(cfg: Mapping[str, Any], check_paths: bool) -> list[str]:
-    """DMD / rCM (objectives in defaults.DMD_OBJECTIVES): the regression batch, the teacher's
+    """DMD / rCM (objectives with a critic): the regression batch, the teacher's
     guidance against the student, no gradient accumulation. Other objectives: nothing."""
-    if not _ok(cfg, "objective") or cfg["objective"] not in defaults.DMD_OBJECTIVES:
+    objective = _objective(cfg)
+    if not (objective and objective.critic):
         return []
     out: list[str] = []
     if _ok(cfg, "dmd.regression_batch", "batch_size"):

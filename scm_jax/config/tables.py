@@ -21,8 +21,8 @@ from scm_jax.config.checks import (
 )
 from scm_jax.data.scale import NORMALIZE_MODES
 from scm_jax.losses.common import TANGENT_NORMS, WARMUP_FORMS
+from scm_jax.objectives import ROLLOUTS
 from scm_jax.optim import OPTIMIZER_MOMENTS
-from scm_jax.train.step_dmd import ROLLOUTS
 
 EMA_STD_MAX = 12**-0.5  # EDM2's power-function EMA needs sigma_rel < 1/sqrt(12)
 DTYPES = tuple(networks._DTYPES)  # model.dtype / param_dtype names build_network knows

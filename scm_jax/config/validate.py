@@ -25,8 +25,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from scm_jax import networks
-from scm_jax.config import defaults
+from scm_jax import networks, objectives
 from scm_jax.config.checks import Check, ConfigError
 from scm_jax.config.relations import RELATIONS, Relation, _dmd
 from scm_jax.config.tables import _DEFAULTS, EMA_STD_MAX, FIELDS, SECTIONS
@@ -109,7 +108,8 @@ def dmd_problems(config: Mapping[str, Any]) -> list[str]:
     ``scm_jax.train.dmd_config.validate_dmd_config`` raises); [] for other objectives."""
     if hasattr(config, "to_dict"):
         config = config.to_dict()
-    if config.get("objective") not in defaults.DMD_OBJECTIVES:
+    name = config.get("objective")
+    if not (objectives.known(name) and objectives.get(name).critic):
         return []
     section = {"dmd": config.get("dmd", {})}
     return _field_problems(section, {"dmd": SECTIONS["dmd"]}, {}) + _dmd(config, False)

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from jax.sharding import Mesh
 
-from scm_jax import trigflow
+from scm_jax import objectives, trigflow
 from scm_jax.eval import consistency as cons
 from scm_jax.files import atomic_write
 from scm_jax.guidance import ApplyFn
@@ -74,9 +74,8 @@ def teacher_identity(folder: str | Path, sigma_rel: float = 0.0) -> str:
 def default_cfg_scale(run_cfg: Mapping[str, Any], guidance: float | None) -> float | None:
     """The scale the student stands for: its guidance input, else a distillation run's fixed
     teacher scale (``teacher.guidance_min = guidance_max``), else None."""
-    from scm_jax.config.defaults import DISTILL_OBJECTIVES
 
-    if guidance is not None or run_cfg["objective"] not in DISTILL_OBJECTIVES:
+    if guidance is not None or not objectives.get(run_cfg["objective"]).needs_teacher:
         return guidance
     t_cfg = run_cfg.get("teacher", {}) or {}
     g_min, g_max = float(t_cfg.get("guidance_min", 1.0)), float(t_cfg.get("guidance_max", 1.0))
@@ -116,7 +115,7 @@ def run_teacher(
     from scm_jax.train.workdir import load_run_config
 
     cfg = load_run_config(folder)
-    if cfg.get("objective") != "diffusion":
+    if not objectives.is_diffusion(cfg.get("objective")):
         raise ValueError(
             f"the {what} {folder} is a {cfg.get('objective')} run; the consistency error "
             "compares with a diffusion model's PF-ODE (objective=diffusion)"
@@ -147,7 +146,6 @@ def resolve_teacher(
       ValueError: none of these (the message says to pass ``--teacher``), or a teacher that
         cannot serve (see :func:`run_teacher`).
     """
-    from scm_jax.config.defaults import DISTILL_OBJECTIVES
     from scm_jax.train.workdir import load_run_config
 
     sigma_d = float(run_cfg["trigflow"]["sigma_d"])
@@ -156,7 +154,7 @@ def resolve_teacher(
     if teacher:
         return run_teacher(teacher, mesh, sigma_d=sigma_d)
     objective, t_cfg = run_cfg["objective"], run_cfg.get("teacher", {}) or {}
-    if objective in DISTILL_OBJECTIVES:
+    if objectives.get(objective).needs_teacher:
         if t_cfg.get("kind") == "exact_gmm":
             return exact_teacher(run_cfg, str(workdir))
         if t_cfg.get("workdir"):
@@ -167,9 +165,9 @@ def resolve_teacher(
                 return TeacherModel(loaded.apply_fn, loaded.params, identity, n)
             return run_teacher(t_cfg["workdir"], mesh, sigma_rel=sigma_rel, sigma_d=sigma_d)
     init_from = run_cfg.get("init_from") or ""
-    if init_from and load_run_config(init_from).get("objective") == "diffusion":
+    if init_from and objectives.is_diffusion(load_run_config(init_from).get("objective")):
         return run_teacher(init_from, mesh, sigma_d=sigma_d, what="init_from teacher")
-    if objective == "diffusion":
+    if objectives.is_diffusion(objective):
         return run_teacher(workdir, mesh, sigma_d=sigma_d, what="run")
     raise ValueError(
         f"{workdir} ({objective}) names no teacher to compare with: pass --teacher DIR (a "

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from scm_jax import objectives
 from scm_jax.eval import fid
 from scm_jax.eval.features import (
     DEFAULT_CONVENTION,
@@ -188,7 +189,7 @@ def run_settings(
 
 def make_setting(name: str, sampler: Any, steps: int, model: str, g: float | None) -> Setting:
     """A checked setting: guidance the model cannot take fails here, before any sampling."""
-    g_run = None if sampler.objective == "diffusion" and g == 1.0 else g
+    g_run = None if objectives.is_diffusion(sampler.objective) and g == 1.0 else g
     sampler.batch_inputs(None, 1, g_run)
     if sampler.nd.guidance_input and g is None:
         g = sampler.guidance
@@ -248,12 +249,12 @@ def evaluate(
     export = is_export(workdir)
     objective = run_cfg["objective"]
     steps = tuple(int(s) for s in (steps or ()))
-    if objective == "diffusion" and (steps or not teacher_nfe):
+    if objectives.is_diffusion(objective) and (steps or not teacher_nfe):
         raise ValueError(
             f"{workdir} is a diffusion run: evaluate it with the Heun sampler at an odd NFE "
             "(--teacher-nfe 35 = 18 steps), not with consistency step counts (--steps)"
         )
-    steps = steps or ((1, 2) if objective != "diffusion" else ())
+    steps = steps or ((1, 2) if not objectives.is_diffusion(objective) else ())
     if any(s < 1 for s in steps):
         raise ValueError(f"steps must be >= 1, got {list(steps)}")
     if num < 2:
@@ -288,7 +289,7 @@ def evaluate(
     if not export and sampler.step is not None:
         step = sampler.step  # the step whose weights were restored
     settings = [make_setting(f"{s}step", sampler, s, f"EMA {ema_name}", guidance) for s in steps]
-    if heun is not None and objective == "diffusion":
+    if heun is not None and objectives.is_diffusion(objective):
         settings.append(make_setting(f"heun{heun}", sampler, heun, f"EMA {ema_name}", guidance))
     elif heun is not None:
         tdir = teacher_workdir or run_cfg.get("teacher", {}).get("workdir", "")
@@ -298,7 +299,7 @@ def evaluate(
                 "to compare with one"
             )
         t_cfg = load_run_config(tdir)
-        if t_cfg["objective"] != "diffusion":
+        if not objectives.is_diffusion(t_cfg["objective"]):
             raise ValueError(f"the teacher {tdir} is a {t_cfg['objective']} run, not diffusion")
         sigma_rel = 0.0 if teacher_workdir else float(run_cfg["teacher"].get("ema_std", 0) or 0)
         t_ema = ema_of(tdir, t_cfg, sigma_rel=sigma_rel)

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from scm_jax import objectives
 from scm_jax.files import check_output_folder, write_bytes_atomic
 
 FORMATS = ("safetensors", "torch", "onnx", "stablehlo")
@@ -126,7 +127,7 @@ def write_stablehlo(out: Path, params: Any, cfg: dict) -> list[str]:
     nd = build_network(cfg["model"])
     state = to_state_dict(params)
     jobs = [("network.stablehlo", stablehlo.export_network(nd, state))]
-    if cfg["objective"] != "diffusion":
+    if not objectives.is_diffusion(cfg["objective"]):
         for n in (1, 2):
             exp = stablehlo.export_sampler(
                 nd,

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from scm_jax import objectives
 from scm_jax.files import staged_files
 
 INSTALL_HINT = "pip install 'scm-jax[torch,export]'"
@@ -100,7 +101,7 @@ def export_onnx(
             },
         )
     ]
-    if net.config["objective"] != "diffusion":
+    if not objectives.is_diffusion(net.config["objective"]):
         for n in samplers:
             jobs.append(
                 (

@@ -18,14 +18,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from scm_jax import trigflow
+from scm_jax import objectives, trigflow
 from scm_jax.guidance import ApplyFn
-from scm_jax.losses import diffusion_loss, scd_loss, sct_loss
 from scm_jax.networks import NetworkDef, project_weights
 from scm_jax.toy.gmm import GaussianMixture
 
 Array = jax.Array
-OBJECTIVES = ("diffusion", "sct", "scd")
+OBJECTIVES = objectives.names_where(lambda o: not o.critic)  # the sCM step's objectives
 
 
 @dataclasses.dataclass
@@ -85,8 +84,10 @@ def fit(
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; expected one of {OBJECTIVES}")
-    if objective == "scd" and teacher_apply_fn is None:
-        raise ValueError("sCD needs a teacher: pass teacher_apply_fn (e.g. the exact mixture's)")
+    entry = objectives.get(objective)
+    if entry.needs_teacher and teacher_apply_fn is None:
+        raise ValueError(f"{entry.label} needs a teacher: pass teacher_apply_fn (e.g. the exact "
+                         "mixture's)")  # fmt: skip
     chunk = max(1, min(chunk, steps))  # a short run is one chunk of exactly ``steps``
     k_init, k_train = jax.random.split(key)
     params = nd.init(k_init) if params is None else params
@@ -102,12 +103,12 @@ def fit(
         z = trigflow.sample_noise(k_z, x0.shape, sigma_d)
         t = trigflow.sample_t_lognormal(k_t, (batch_size,), P_mean, P_std, sigma_d)
         common = dict(sigma_d=sigma_d)
-        if objective == "diffusion":
-            return diffusion_loss(nd.apply_fn, weight_fn, p, x0, z, t, **common)
+        if not entry.scm_term:  # the table's loss: diffusion_loss
+            return entry.loss(nd.apply_fn, weight_fn, p, x0, z, t, **common)
         cm = dict(common, step=step, warmup_steps=warmup_steps, **opts)
-        if objective == "sct":
-            return sct_loss(nd.apply_fn, weight_fn, p, x0, z, t, **cm)
-        return scd_loss(nd.apply_fn, weight_fn, p, teacher_apply_fn, None, x0, z, t, **cm)
+        if not entry.tangent_from_teacher:  # sct_loss
+            return entry.loss(nd.apply_fn, weight_fn, p, x0, z, t, **cm)
+        return entry.loss(nd.apply_fn, weight_fn, p, teacher_apply_fn, None, x0, z, t, **cm)
 
     def one_step(carry, step):
         p, ema, opt = carry
@@ -117,7 +118,7 @@ def fit(
         p = project_weights(optax.apply_updates(p, updates))
         ema = jax.tree.map(lambda e, q: ema_decay * e + (1 - ema_decay) * q, ema, p)
         values = {"loss": loss, "grad_norm": optax.tree_utils.tree_norm(grads)}
-        if objective != "diffusion":
+        if entry.consistency:
             values.update(
                 tangent_norm=aux["g_norm_mean"], tangent_norm_max=aux["g_norm_max"],
                 nonfinite=aux["nonfinite_fraction"], mse=aux["mse"], w_mean=aux["w_mean"],

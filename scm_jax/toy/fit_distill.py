@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from scm_jax import objectives
 from scm_jax.guidance import ApplyFn
 from scm_jax.networks import NetworkDef
 from scm_jax.optim import make_optimizer
@@ -27,7 +28,7 @@ from scm_jax.train.step import make_train_step
 from scm_jax.train.step_dmd import DMDOptions, init_dmd_state, make_dmd_train_step
 
 Array = jax.Array
-OBJECTIVES = ("scd", "dmd", "rcm")
+OBJECTIVES = objectives.names_where(lambda o: o.needs_teacher)  # the distilling objectives
 
 
 def fit_distill(
@@ -85,8 +86,8 @@ def fit_distill(
     common = dict(sigma_d=sigma_d, P_mean=P_mean, P_std=P_std, batch_size=batch_size, **ema,
                   loss_options=opts, adaptive_weighting=adaptive_weighting)  # fmt: skip
     k_init, k_data = jax.random.split(key)
-    if objective == "scd":
-        step_fn = make_train_step(nd, tx, schedule, objective="scd",
+    if not objectives.get(objective).critic:  # sCD: the sCM step
+        step_fn = make_train_step(nd, tx, schedule, objective=objective,
                                   teacher_apply_fn=teacher_apply_fn, **common)  # fmt: skip
         state = init_state(nd, tx, k_init, **ema, init_net=init_net)
     else:

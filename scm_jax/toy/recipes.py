@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 
+from scm_jax import objectives
 from scm_jax.networks import NetworkDef, build_network
 from scm_jax.toy import gmm as gmm_lib
 from scm_jax.toy.evaluate import evaluate_consistency_model, evaluate_modes
@@ -91,7 +92,8 @@ def distill_options(name: str, steps: int) -> dict[str, Any]:
     (rCM's DMD term starts at the end of the tangent warm-up, ``steps // 6``)."""
     recipe = DISTILL[name]
     options = {k: v for k, v in recipe.items() if k != "objective"}
-    if recipe["objective"] == "rcm":
+    entry = objectives.get(recipe["objective"])
+    if entry.critic and entry.scm_term:  # rCM
         options["dmd"] = {**options["dmd"], "start_step": steps // 6}
     return options
 

@@ -29,8 +29,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from scm_jax import sharding
-from scm_jax.config.defaults import DISTILL_OBJECTIVES, DMD_OBJECTIVES
+from scm_jax import objectives, sharding
 from scm_jax.config.durations import resolve_durations
 from scm_jax.guidance import ApplyFn
 from scm_jax.losses import proposal_time_edges
@@ -99,14 +98,14 @@ def train_step_from_config(
       ValueError: options ``make_train_step`` refuses (one clear message).
     """
     config = resolve_durations(config)  # warm-up and DMD start in steps
-    if config.objective in DMD_OBJECTIVES:  # DMD / rCM: generator + critic (train.step_dmd)
+    if objectives.get(config.objective).critic:  # DMD / rCM: generator + critic (step_dmd)
         return dmd_config.dmd_step_from_config(
             config, nd, teacher_apply_fn, mesh=mesh, tx=tx, schedule=schedule
         )
     if tx is None or schedule is None:
         tx, schedule = make_optimizer(**config.optim, batch_size=config.batch_size)
     sigma_d = float(config.trigflow.sigma_d)
-    cm = config.objective != "diffusion"
+    cm = objectives.get(config.objective).consistency
     loss = config.loss
     return make_train_step(
         nd, tx, schedule, objective=config.objective, sigma_d=sigma_d,
@@ -148,7 +147,7 @@ def state_fn(
 ) -> Any:  # fmt: skip
     """``make_state(key, init_net=None) -> TrainState`` of ``config``: ``init_state``, or with
     the critic for DMD / rCM (``dmd_config.dmd_state_fn``)."""
-    if config.objective in DMD_OBJECTIVES:
+    if objectives.get(config.objective).critic:
         return dmd_config.dmd_state_fn(config, nd, tx, per_leaf=per_leaf)
 
     def make_state(key: jax.Array, init_net: Any = None) -> TrainState:
@@ -166,7 +165,7 @@ def abstract_teacher(
     A network teacher has the student's architecture (:func:`teacher_model_config`); the toy
     config's exact mixture teacher has no parameters. Other objectives: ``(None, None)``.
     """
-    if config.objective not in DISTILL_OBJECTIVES:
+    if not objectives.get(config.objective).needs_teacher:
         return None, None
     if config.teacher.get("kind", "network") == "exact_gmm":
         from scm_jax.toy.gmm import GaussianMixture, teacher_apply_fn

@@ -28,6 +28,7 @@ from typing import Any
 import ml_collections
 from jax.sharding import Mesh
 
+from scm_jax import objectives
 from scm_jax.eval import consistency, consistency_run, features, fid, runner
 from scm_jax.networks import NetworkDef
 from scm_jax.sampler import Sampler
@@ -60,13 +61,13 @@ class PeriodicEval:
         if ev.num < 2 or any(int(s) < 1 for s in ev.steps):
             raise ValueError(f"evals.num ({ev.num}) must be >= 2 and evals.steps {ev.steps} >= 1")
         self.objective, self.log, self.workdir = config.objective, log, Path(workdir)
-        if self.objective == "diffusion":
+        if objectives.is_diffusion(self.objective):
             nfe = ev.teacher_nfe or 2 * config.train.teacher_sample_steps - 1
             self.settings = [(f"heun{runner.heun_steps(nfe)}", runner.heun_steps(nfe))]
         else:
             self.settings = [(f"{int(s)}step", int(s)) for s in ev.steps]
         self.teacher_steps = None
-        if self.objective in ("scd", "dmd", "rcm") and ev.teacher_nfe:
+        if objectives.get(self.objective).needs_teacher and ev.teacher_nfe:
             self.teacher_steps = runner.heun_steps(ev.teacher_nfe)
         self.ref = fid.load_stats(ev.ref)
         meta = self.ref[3]

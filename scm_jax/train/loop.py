@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from scm_jax.config import defaults
+from scm_jax import objectives
 from scm_jax.config import durations as config_durations
 from scm_jax.config.validate import validate
 from scm_jax.data.prefetch import Prefetcher
@@ -159,7 +159,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable
         )
     check_data_std(source, sigma_d, log)
     scale = data_scale(config.dataset, sigma_d)
-    distil = config.objective in defaults.DISTILL_OBJECTIVES  # sCD, DMD, rCM
+    distil = objectives.get(config.objective).needs_teacher  # sCD, DMD, rCM
     teacher = load_teacher(config, mesh) if distil else None
     consistency = PeriodicConsistency.create(config, mesh, source, teacher, workdir, log,
                                              is_main_process=is_main)  # fmt: skip
@@ -171,7 +171,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable
     per_leaf = mesh.shape["fsdp"] * mesh.shape["tensor"] > 1  # params split: draw per leaf
 
     def make_state(key, init_net):
-        if config.objective in defaults.DMD_OBJECTIVES:  # with the critic (train.step_dmd)
+        if objectives.get(config.objective).critic:  # with the critic (train.step_dmd)
             return state_fn(config, nd, tx, per_leaf=per_leaf)(key, init_net)
         return init_state(nd, tx, key, **ema_cfg, init_net=init_net, per_leaf=per_leaf)
 
@@ -203,9 +203,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable
 
     total_steps = math.ceil(config.total_kimg * 1000 / config.batch_size)
     start = int(state.step)
-    cm = config.objective != "diffusion"
+    cm = objectives.get(config.objective).consistency
     dmd_step = None
-    if config.objective in defaults.DMD_OBJECTIVES:  # generator + critic (train.step_dmd)
+    if objectives.get(config.objective).critic:  # generator + critic (train.step_dmd)
         dmd_step = train_step_from_config(config, nd, teacher.apply_fn, mesh=mesh, tx=tx,
                                           schedule=schedule)  # fmt: skip
     step_fn = dmd_step or make_train_step(

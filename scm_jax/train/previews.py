@@ -11,13 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from scm_jax import images
+from scm_jax import images, objectives
 from scm_jax.sampler import Sampler
 
 
 def preview_kinds(objective: str, ode_steps: int) -> dict[str, int]:
     """``{name: steps}`` of the grids written for ``objective``."""
-    if objective == "diffusion":
+    if objectives.is_diffusion(objective):
         return {f"heun{ode_steps}": ode_steps}
     return {"1step": 1, "2step": 2}
 

@@ -39,9 +39,8 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from scm_jax import ema as ema_lib
-from scm_jax import trigflow
+from scm_jax import objectives, trigflow
 from scm_jax.guidance import ApplyFn, sample_guidance_scale
-from scm_jax.losses import diffusion_loss, scd_loss, sct_loss
 from scm_jax.networks import NetworkDef, project_weights
 from scm_jax.train.state import TrainState
 
@@ -145,13 +144,14 @@ def make_train_step(
       ValueError: an unknown objective, sCD without a teacher, a guidance range the student
         cannot take, or a batch that does not split into ``micro_batches`` x batch shards.
     """
-    if objective not in ("diffusion", "sct", "scd"):
-        raise ValueError(f"unknown objective {objective!r}; expected diffusion, sct or scd")
-    if objective == "scd" and teacher_apply_fn is None:
-        raise ValueError("sCD needs a teacher (teacher_apply_fn)")
+    entry = objectives.get(objective)
+    if entry.critic:
+        raise ValueError(f"objective {objective!r} trains with a critic: use make_dmd_train_step")
+    if entry.needs_teacher and teacher_apply_fn is None:
+        raise ValueError(f"{entry.label} needs a teacher (teacher_apply_fn)")
     g_min, g_max = (float(v) for v in guidance_range)
-    guided = objective == "scd" and nd.guidance_input
-    if objective == "scd" and not nd.guidance_input and (g_min, g_max) != (1.0, 1.0):
+    guided = entry.needs_teacher and nd.guidance_input
+    if entry.needs_teacher and not nd.guidance_input and (g_min, g_max) != (1.0, 1.0):
         raise ValueError(
             f"teacher guidance range [{g_min}, {g_max}] needs a student with a guidance input "
             "(model.guidance_input=True); or set teacher.guidance_min = guidance_max = 1"
@@ -163,7 +163,7 @@ def make_train_step(
     k = int(micro_batches)
     batch_axes, shards = _batch_layout(batch_sharding)
     check_micro_batches(batch_size, k, shards)
-    cm = objective != "diffusion"
+    cm = entry.consistency
     cm_options = dict(loss_options or {})
     mask_nonfinite = bool(cm_options.get("mask_nonfinite", True))
     weight_fn = nd.weight_fn if adaptive_weighting else None
@@ -189,12 +189,12 @@ def make_train_step(
         if stochastic:
             key = jax.vmap(jax.random.fold_in, (None, 0))(k_drop, batch["row"])
         common = {"sigma_d": sigma_d, "labels": labels, "key": key, "time_edges": edges}
-        if objective == "diffusion":
-            return diffusion_loss(apply_fn, weight_fn, params, x0, z, t, **common)
+        if not entry.scm_term:  # the objective's loss (objectives table): diffusion_loss
+            return entry.loss(apply_fn, weight_fn, params, x0, z, t, **common)
         cm_kw = {**common, "step": step, **cm_options}
-        if objective == "sct":
-            return sct_loss(apply_fn, weight_fn, params, x0, z, t, **cm_kw)
-        return scd_loss(
+        if not entry.tangent_from_teacher:  # sct_loss
+            return entry.loss(apply_fn, weight_fn, params, x0, z, t, **cm_kw)
+        return entry.loss(  # scd_loss
             apply_fn, weight_fn, params, teacher_apply_fn, teacher_params, x0, z, t,
             guidance=batch.get("guidance"), **cm_kw,
         )  # fmt: skip

@@ -40,8 +40,7 @@ import optax
 from jax.sharding import NamedSharding
 
 from scm_jax import ema as ema_lib
-from scm_jax import trigflow
-from scm_jax.config.defaults import DMD_OBJECTIVES
+from scm_jax import objectives, trigflow
 from scm_jax.guidance import ApplyFn, sample_guidance_scale
 from scm_jax.losses import (
     consistency_loss,
@@ -56,6 +55,7 @@ from scm_jax.losses import (
     teacher_velocity,
 )
 from scm_jax.networks import NetworkDef, project_weights
+from scm_jax.objectives import ROLLOUTS
 from scm_jax.sampling import consistency_times, sample_ode
 from scm_jax.train.state import TrainState, init_state, merge_params
 from scm_jax.train.step import (
@@ -68,7 +68,6 @@ from scm_jax.train.step import (
 )
 
 Array = jax.Array
-ROLLOUTS = ("fixed", "random")
 PAIRS_KEY = 0xFFFFFFFF  # fold_in index of the fixed regression-noise pool (steps never reach it)
 
 
@@ -175,10 +174,12 @@ def make_dmd_train_step(
     Raises:
       ValueError: an unknown objective or rollout, no teacher, or guidance the student cannot take.
     """
-    if objective not in DMD_OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r} for the DMD step; expected dmd or rcm")
+    entry = objectives.get(objective)
+    if not entry.critic:
+        choices = ", ".join(objectives.names_where(lambda o: o.critic))
+        raise ValueError(f"objective {objective!r} has no critic; the DMD step trains {choices}")
     if teacher_apply_fn is None:
-        raise ValueError(f"{objective} needs a teacher (teacher_apply_fn)")
+        raise ValueError(f"{entry.label} needs a teacher (teacher_apply_fn)")
     if options.rollout not in ROLLOUTS:
         raise ValueError(f"unknown dmd.rollout {options.rollout!r}; expected one of {ROLLOUTS}")
     g_min, g_max = (float(v) for v in guidance_range)
@@ -192,7 +193,7 @@ def make_dmd_train_step(
         raise ValueError("classifier-free guidance needs a class-conditional network")
     batch_axes, shards = _batch_layout(batch_sharding)
     check_micro_batches(batch_size, 1, shards)
-    rcm = objective == "rcm"
+    rcm = entry.scm_term  # rCM: DMD plus sCD's consistency term
     stochastic = _has_dropout(nd)
     apply_fn = _per_sample_dropout(nd.apply_fn, batch_axes) if stochastic else nd.apply_fn
     weight_fn = nd.weight_fn if adaptive_weighting else None

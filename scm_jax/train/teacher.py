@@ -16,6 +16,7 @@ from typing import Any
 import jax
 from jax.sharding import Mesh
 
+from scm_jax import objectives
 from scm_jax.data.scale import data_scale
 from scm_jax.ema import ema_names
 from scm_jax.export.files import is_export, load_export
@@ -218,7 +219,7 @@ def load_teacher(config: Any, mesh: Mesh) -> Teacher:
             "<config>:objective=diffusion --workdir DIR`"
         )
     run_cfg = load_run_config(t_cfg.workdir)
-    if run_cfg.get("objective") != "diffusion":
+    if not objectives.is_diffusion(run_cfg.get("objective")):
         raise ValueError(
             f"the teacher in {t_cfg.workdir} was trained with objective "
             f"{run_cfg.get('objective')!r}; {name} distils a diffusion model (objective=diffusion)"
