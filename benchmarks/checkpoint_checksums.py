@@ -1,4 +1,4 @@
-"""What checkpoint checksums cost (``scm_jax.train.checksums``), extrapolated to the XL state.
+"""What checkpoint checksums cost (``scm_jax.run.checksums``), extrapolated to the XL state.
 
   python benchmarks/checkpoint_checksums.py [--gib 2] [--orbax-gib 0.5]
       # writes benchmarks/results/checkpoint_checksums.json
@@ -31,9 +31,9 @@ import numpy as np
 from scm_jax.config import defaults
 from scm_jax.ema import ema_names
 from scm_jax.networks import build_network
-from scm_jax.train import checksums
-from scm_jax.train.checkpoint import Checkpointer
-from scm_jax.train.state import TrainState
+from scm_jax.run import checksums
+from scm_jax.run.checkpoint import Checkpointer
+from scm_jax.run.state import TrainState
 
 OUT = Path(__file__).resolve().parent / "results" / "checkpoint_checksums.json"
 FILE_BYTES = 256 << 20
@@ -124,7 +124,7 @@ def main() -> None:
     result = {
         "command": "python benchmarks/checkpoint_checksums.py "
         f"--gib {args.gib:g} --orbax-gib {args.orbax_gib:g}",
-        "what": "CRC-32 of every checkpoint file (scm_jax.train.checksums); XL = "
+        "what": "CRC-32 of every checkpoint file (scm_jax.run.checksums); XL = "
         "configs/imagenet512.py:size=xl (sCT), float32 params + 2 Adam moments + EMAs",
         "xl_state_bytes": sizes,
         "measured_fraction_of_xl_state": digest["bytes"] / sizes["total"],

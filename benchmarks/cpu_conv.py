@@ -26,7 +26,7 @@ from scm_jax.config import defaults
 from scm_jax.networks import build_network, layers
 from scm_jax.networks.layers import conv2d_same
 from scm_jax.optim import make_optimizer
-from scm_jax.train.state import init_state
+from scm_jax.run.state import init_state
 from scm_jax.train.step import make_train_step
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cpu_conv.json"

@@ -39,8 +39,8 @@ from scm_jax.config import defaults
 from scm_jax.flops import count_flops
 from scm_jax.losses import sct_loss
 from scm_jax.networks import REMAT_POLICIES, NetworkDef, build_network
+from scm_jax.run.state import abstract_state, init_state
 from scm_jax.sharding import batch_sharding, make_mesh
-from scm_jax.train.state import abstract_state, init_state
 from scm_jax.train.step import make_train_step
 
 OUT = Path(__file__).resolve().parent / "results" / "memory_levers.json"

@@ -29,7 +29,7 @@ import numpy as np
 from scm_jax import cli
 from scm_jax.data.sources import load_mnist_5k
 from scm_jax.eval.nearest_neighbor import nn_label_agreement as nn_agreement
-from scm_jax.sampler import load_sampler
+from scm_jax.run.sampler import load_sampler
 from scm_jax.train.loop import train
 from scm_jax.train.writers import read_metrics
 

@@ -8,7 +8,7 @@
 For each size and objective (``bench.suite_config``: ``scd_cfg`` the CFG teacher at s ~ U[1, 2],
 ``scd`` an unguided teacher), one set of random float32 parameters (gains at 1, so F is not zero)
 is the JAX step's initial state (``train_step.build_step``: the donated training step
-``scm-jax train`` runs, dropout 0) and, through ``scm_jax.export.state_dict``, the PyTorch
+``scm-jax train`` runs, dropout 0) and, through ``scm_jax.run.state_dict``, the PyTorch
 student, weighting head (``scm_jax.torch.weighting``) and teacher. Before timing, both compute in
 float32 (highest matmul precision, no TF32) the student's forward and the sCD loss and its
 gradient for the same x0, z, t, labels, s and step; the row records the errors and is a
@@ -38,9 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from scm_jax import bench
-from scm_jax.export.state_dict import to_state_dict
 from scm_jax.losses import tangent_jvp
 from scm_jax.networks import build_network
+from scm_jax.run.state_dict import to_state_dict
 from scm_jax.train.aot import teacher_model_config
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -76,7 +76,7 @@ class _Ready:
 
 
 def _tensors(tree: Any) -> dict[str, Any]:
-    """A numpy parameter tree as PyTorch's state dict (``scm_jax.export.state_dict``)."""
+    """A numpy parameter tree as PyTorch's state dict (``scm_jax.run.state_dict``)."""
     import torch
 
     return {k: torch.from_numpy(v) for k, v in to_state_dict(tree).items()}

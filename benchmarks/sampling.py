@@ -4,7 +4,7 @@
   python benchmarks/sampling.py --cpu           # CPU: the 16x16 smoke network, batch 1 and 8
   python benchmarks/sampling.py --size xl --batches 1,64 --teacher-steps 32
 
-Everything runs through the library's jitted samplers (``scm_jax.sampler.Sampler.batch_fn``:
+Everything runs through the library's jitted samplers (``scm_jax.run.sampler.Sampler.batch_fn``:
 the whole sampler is one XLA program, ``lax.scan`` over the steps, one trace of the network):
 
 * ``consistency``: the sCD student (guidance input, bf16 compute, float32 random weights) at
@@ -41,7 +41,7 @@ from scm_jax import bench, sampling, trigflow
 from scm_jax.flops import count_flops
 from scm_jax.networks import build_network
 from scm_jax.networks.vae_decoder import SDVAEDecoder, init_random, raw_latents
-from scm_jax.sampler import Sampler
+from scm_jax.run.sampler import Sampler
 from scm_jax.train.aot import teacher_model_config
 
 NAME = "sampling"

@@ -39,9 +39,9 @@ from scm_jax import bench
 from scm_jax.info import network_flops
 from scm_jax.networks import build_network
 from scm_jax.optim import make_optimizer
+from scm_jax.run.state import create_sharded_state, init_state
 from scm_jax.sharding import activation_rules, batch_sharding, mesh_from_config, state_shardings
 from scm_jax.train import aot
-from scm_jax.train.state import create_sharded_state, init_state
 
 NAME = "train_step"
 # (size, objective, per-device batch, remat), most important first: the budget cuts the tail.

@@ -9,7 +9,7 @@ The network is the residual MP-MLP (``scm_jax.networks.mlp``); ``size`` does not
 """
 
 from scm_jax.config import defaults
-from scm_jax.toy.gmm import ring_mixture
+from scm_jax.gmm import ring_mixture
 
 
 def get_config(arg=None):

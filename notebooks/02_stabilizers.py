@@ -48,7 +48,7 @@ from scm_jax.config import defaults
 from scm_jax.data.sources import load_mnist_5k
 from scm_jax.eval.nearest_neighbor import nn_label_agreement
 from scm_jax.networks import build_network
-from scm_jax.sampler import Sampler, load_sampler
+from scm_jax.run.sampler import Sampler, load_sampler
 from scm_jax.toy import flow_map, recipes, sliced_wasserstein
 from scm_jax.toy.fit import fit
 from scm_jax.train.loop import train

@@ -37,7 +37,7 @@ import numpy as np
 
 from scm_jax import sampling, trigflow
 from scm_jax.networks import build_network
-from scm_jax.sampler import Sampler
+from scm_jax.run.sampler import Sampler
 from scm_jax.toy import recipes, sliced_wasserstein, teacher_apply_fn
 from scm_jax.toy.fit import fit
 

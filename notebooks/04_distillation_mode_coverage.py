@@ -38,7 +38,7 @@ import jax
 import matplotlib.pyplot as plt
 import numpy as np
 
-from scm_jax.sampler import Sampler
+from scm_jax.run.sampler import Sampler
 from scm_jax.toy import mode_statistics, recipes, sliced_wasserstein
 
 # %% tags=["parameters"]

@@ -16,7 +16,7 @@ __all__ = ["load_sampler"]
 
 def __getattr__(name: str) -> Any:
     if name == "load_sampler":
-        from scm_jax.sampler import load_sampler
+        from scm_jax.run.sampler import load_sampler
 
         return load_sampler
     raise AttributeError(f"module 'scm_jax' has no attribute {name!r}")

@@ -278,7 +278,7 @@ def cmd_fid_weights(config: ml_collections.ConfigDict, argv: Sequence[str]) -> i
 
 def _eval_errors(main: Callable[[Sequence[str]], int], argv: Sequence[str]) -> int:
     """Run an evaluation command, turning its input errors into one-line usage errors."""
-    from scm_jax.train.checkpoint import CheckpointError
+    from scm_jax.run.checkpoint import CheckpointError
 
     try:
         return main(argv)
@@ -302,7 +302,7 @@ def cmd_eval(config: ml_collections.ConfigDict, argv: Sequence[str]) -> int:
 
 def _export_errors(main: Callable[[Sequence[str]], int], argv: Sequence[str]) -> int:
     """Run an export command, turning its input errors (missing packages too) into one line."""
-    from scm_jax.train.checkpoint import CheckpointError
+    from scm_jax.run.checkpoint import CheckpointError
 
     try:
         return main(argv)

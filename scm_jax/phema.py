@@ -2,7 +2,7 @@
 
 Karras et al. 2024, "Analyzing and Improving the Training Dynamics of Diffusion Models" (EDM2),
 §3.2 and App. C. Pure numpy functions (float64); ``scm_jax.export.posthoc`` applies them to the
-snapshots a run writes (``scm_jax.train.snapshots``) behind ``scm-jax phema``.
+snapshots a run writes (``scm_jax.run.snapshots``) behind ``scm-jax phema``.
 
 **The profile of a snapshot.** Training time counts images; step k (k = 1, 2, ...) brings the
 count to n_k = k B (batch B) and the parameters to theta_k. Our power-function EMA

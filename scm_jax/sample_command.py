@@ -64,7 +64,7 @@ def sample_main(argv: Sequence[str]) -> int:
     import numpy as np
 
     from scm_jax import images
-    from scm_jax.sampler import load_sampler
+    from scm_jax.run.sampler import load_sampler
 
     sampler = load_sampler(args.workdir, ema=args.ema)
     if out.suffix == ".png" and len(sampler.shape) != 3:

@@ -99,7 +99,7 @@ def test_unserialisable_json_writes_nothing(old):
 
 
 def test_atomic_path_for_path_writers(tmp_path):
-    from scm_jax.export.state_dict import load_safetensors, save_safetensors
+    from scm_jax.run.state_dict import load_safetensors, save_safetensors
 
     p = tmp_path / "w.safetensors"
     p.write_bytes(OLD)
@@ -188,7 +188,7 @@ def test_output_checks(tmp_path):
 def test_one_implementation_of_the_rename():
     """No module outside scm_jax/files.py makes its own temporary file and rename (those owned
     elsewhere: the checkpoint manager; workdir's rename of an old config is no write)."""
-    allowed = {"files.py", "train/checkpoint.py", "train/lock.py", "train/loop.py"}
+    allowed = {"files.py", "run/checkpoint.py", "train/lock.py", "train/loop.py"}
     found = []
     for p in sorted((REPO / "scm_jax").rglob("*.py")):
         rel = p.relative_to(REPO / "scm_jax").as_posix()
@@ -197,7 +197,7 @@ def test_one_implementation_of_the_rename():
         for i, line in enumerate(p.read_text().splitlines(), 1):
             if re.search(r"os\.replace\(|\.rename\(|with_name\(f\"\.", line):
                 found.append(f"{rel}:{i}: {line.strip()}")
-    assert found == ['train/workdir.py:144: os.replace(path, workdir / f"config.{step}.json")']
+    assert found == ['run/layout.py:144: os.replace(path, workdir / f"config.{step}.json")']
 
 
 @pytest.fixture(scope="module")

@@ -299,8 +299,8 @@ def make_fixtures(root: Path) -> dict[str, Path]:
     0 bytes and an empty image folder; config files that fail in four ways and a folder named
     like one; a workdir whose lock this process holds (``locked``)."""
     from scm_jax.config import defaults
+    from scm_jax.run.layout import prepare_workdir
     from scm_jax.train.loop import train
-    from scm_jax.train.workdir import prepare_workdir
 
     paths = {"tmp": root, "run": root / "run", "nocfg": root / "nocfg",
              "damaged": root / "damaged", "toy_teacher": root / "toy_teacher",
@@ -338,7 +338,7 @@ def make_fixtures(root: Path) -> dict[str, Path]:
     (paths["corrupt_export"] / "model.safetensors").write_bytes(b"\x00garbage")
     paths["pickle"].write_bytes(b"\x80\x04")  # what EDM2's .pkl snapshots start with
     from scm_jax.networks import build_network
-    from scm_jax.train.snapshots import write_snapshot
+    from scm_jax.run.snapshots import write_snapshot
 
     net = build_network(cfg.model).init(jax.random.key(0))["net"]
     for name, steps in (("snaps", (1, 2)), ("snap1", (1,))):

@@ -1,4 +1,4 @@
-"""Checkpoint integrity (scm_jax.train.checksums): checksums catch a flipped bit that orbax reads
+"""Checkpoint integrity (scm_jax.run.checksums): checksums catch a flipped bit that orbax reads
 silently, older checkpoints without checksums still restore, a full disk ends a run with one
 line, a second signal during the last checkpoint write is quiet, and readers name the step they
 actually restored after a fallback."""
@@ -26,12 +26,12 @@ from reliability_test import BATCH, points_npz, restore_raw, toy_on
 
 import scm_jax
 from scm_jax import cli
-from scm_jax.export.files import load_export
-from scm_jax.train import checksums
-from scm_jax.train.checkpoint import Checkpointer
+from scm_jax.run import checksums
+from scm_jax.run.checkpoint import Checkpointer
+from scm_jax.run.emas import load_ema_checkpoint
+from scm_jax.run.exports import load_export
+from scm_jax.run.state import TrainState
 from scm_jax.train.loop import train
-from scm_jax.train.state import TrainState
-from scm_jax.train.teacher import load_ema_checkpoint
 
 EVERY_2 = {"train.ckpt_every_kimg": 2 * BATCH / 1000}
 
@@ -257,7 +257,7 @@ def test_abandoned_orbax_coroutines_are_not_reported(monkeypatch):
     "Exception ignored in: <coroutine ...>" report each) are dropped; others are not."""
     from orbax.checkpoint._src.path import async_path
 
-    from scm_jax.train.orbax_console import ignore_closed_loop_callbacks
+    from scm_jax.run.orbax_console import ignore_closed_loop_callbacks
 
     reported: list[Any] = []
     monkeypatch.setattr(sys, "unraisablehook", reported.append)

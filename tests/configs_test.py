@@ -89,7 +89,7 @@ def test_mnist_default_distils_the_shipped_teacher():
     """Issue 21: ``make run`` is sCD from the teacher in configs/teachers/mnist_s (an export
     folder of the same architecture and data scale); sCT at size s starts from it; other sizes
     and smoke runs have no shipped teacher."""
-    from scm_jax.export.files import is_export
+    from scm_jax.run.exports import is_export
 
     cfg = defaults.load_config("mnist")
     shipped = Path(cfg.teacher.workdir)

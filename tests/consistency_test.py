@@ -13,13 +13,12 @@ import numpy as np
 import pytest
 from helpers import randomize, smoke_config, tiny_unet
 
-from scm_jax import cli, sampling, trigflow
+from scm_jax import cli, gmm, sampling, trigflow
 from scm_jax.config import defaults, validate
 from scm_jax.eval import consistency as cons
 from scm_jax.eval import consistency_run
 from scm_jax.networks import build_network
 from scm_jax.sharding import batch_sharding, make_mesh
-from scm_jax.toy import gmm
 from scm_jax.train.loop import train
 from scm_jax.train.writers import read_metrics
 

@@ -19,9 +19,9 @@ from scm_jax.config.validate import problems
 from scm_jax.data.arrays import ArrayDataset
 from scm_jax.data.scale import DataScale, channel_stats, data_scale
 from scm_jax.data.sources import load_dataset
-from scm_jax.export.files import export_config
 from scm_jax.networks import build_network
-from scm_jax.sampler import Sampler
+from scm_jax.run.exports import export_config
+from scm_jax.run.sampler import Sampler
 from scm_jax.train.loop import check_data_std
 from scm_jax.train.teacher import check_same_scale
 
@@ -122,7 +122,7 @@ def test_sampler_returns_data_units(objective):
 
 def test_stablehlo_and_torch_samplers_decode_like_the_sampler():
     from scm_jax.export import stablehlo
-    from scm_jax.export.state_dict import to_state_dict
+    from scm_jax.run.state_dict import to_state_dict
 
     scale = DataScale((MNIST_MEAN,), (MNIST_STD,), 0.5)
     sampler = _tiny_sampler(scale)

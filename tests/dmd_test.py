@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from scm_jax import gmm as gmm_lib
 from scm_jax import trigflow
 from scm_jax.losses import (
     dmd_direction,
@@ -23,7 +24,6 @@ from scm_jax.losses import (
 from scm_jax.networks import build_network
 from scm_jax.optim import make_optimizer
 from scm_jax.sampling import consistency_times
-from scm_jax.toy import gmm as gmm_lib
 from scm_jax.train.step_dmd import DMDOptions, init_dmd_state, make_dmd_train_step
 
 SIGMA_D = 0.5

@@ -17,11 +17,11 @@ from scm_jax import cli
 from scm_jax.config import defaults
 from scm_jax.networks import build_network
 from scm_jax.optim import make_optimizer
+from scm_jax.run.checkpoint import Checkpointer
+from scm_jax.run.state import state_shardings, with_shardings
 from scm_jax.sharding import activation_rules, batch_sharding, make_mesh
-from scm_jax.train.checkpoint import Checkpointer
 from scm_jax.train.dmd_config import validate_dmd_config
 from scm_jax.train.loop import train
-from scm_jax.train.state import state_shardings, with_shardings
 from scm_jax.train.step_dmd import DMDOptions, init_dmd_state, make_dmd_train_step
 from scm_jax.train.writers import read_metrics
 

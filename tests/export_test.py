@@ -16,10 +16,10 @@ from safetensors.numpy import load_file
 from scm_jax import cli, sampling
 from scm_jax.data.scale import data_scale
 from scm_jax.export import stablehlo
-from scm_jax.export.files import load_export, tree_equal
-from scm_jax.sampler import load_sampler
+from scm_jax.run.emas import load_ema_params
+from scm_jax.run.exports import load_export, tree_equal
+from scm_jax.run.sampler import load_sampler
 from scm_jax.train.loop import train
-from scm_jax.train.teacher import load_ema_params
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +171,7 @@ def test_stablehlo_tiny_model_with_guidance_input():
     is bit-exact against the jitted function."""
     from helpers import randomize, tiny_unet
 
-    from scm_jax.export.state_dict import to_state_dict
+    from scm_jax.run.state_dict import to_state_dict
 
     nd = tiny_unet()
     state = to_state_dict(jax.tree.map(np.asarray, randomize(nd.init(jax.random.key(0))["net"], 1)))

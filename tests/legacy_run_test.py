@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from scm_jax import cli
-from scm_jax.sampler import load_sampler
+from scm_jax.run.sampler import load_sampler
 
 LEGACY = Path(__file__).resolve().parent / "data" / "legacy_run"
 NUM, SEED = 16, 0

@@ -17,8 +17,8 @@ from helpers import SIGMA_D, randomize, tiny_unet
 from scm_jax import cli
 from scm_jax.losses import proposal_time_edges, scd_loss, sct_loss
 from scm_jax.networks import build_network
+from scm_jax.run.state import create_sharded_state, init_state
 from scm_jax.sharding import batch_sharding, make_mesh
-from scm_jax.train.state import create_sharded_state, init_state
 from scm_jax.train.step import make_train_step
 
 P_MEAN, P_STD = -1.0, 1.4
@@ -210,7 +210,7 @@ def test_training_loop_runs_with_both_levers(tmp_path):
 
 def test_remat_may_change_on_resume():
     """model.remat is a memory lever: not part of a run's identity or its architecture."""
-    from scm_jax.train.workdir import NON_ARCH_FIELDS, _is_identity
+    from scm_jax.run.layout import NON_ARCH_FIELDS, _is_identity
 
     assert not _is_identity("model.remat") and _is_identity("model.model_channels")
     assert "remat" in NON_ARCH_FIELDS

@@ -18,7 +18,7 @@ import pytest
 from helpers import quiet, smoke_config
 
 from scm_jax import cli, ema, phema
-from scm_jax.train import snapshots as snap_lib
+from scm_jax.run import snapshots as snap_lib
 from scm_jax.train.loop import train
 
 STORED = (0.05, 0.10)
@@ -155,7 +155,7 @@ def run_cli(capsys, *args) -> tuple[int, str, str]:
 
 
 def test_training_writes_snapshots_of_the_power_emas(run):
-    from scm_jax.train.checkpoint import Checkpointer
+    from scm_jax.run.checkpoint import Checkpointer
 
     assert snap_lib.snapshot_steps(run) == [3, 6, 9, 12]
     s = snap_lib.read_snapshot(snap_lib.snapshot_path(run, 12))
@@ -170,7 +170,7 @@ def test_training_writes_snapshots_of_the_power_emas(run):
         emas = ckpt.manager.restore(12, args=ocp.args.Composite(emas=ocp.args.StandardRestore()))
     finally:
         ckpt.close()
-    from scm_jax.export.state_dict import to_state_dict
+    from scm_jax.run.state_dict import to_state_dict
 
     for name in s.emas:  # the snapshot is the checkpoint's EMA, bit for bit
         for k, v in to_state_dict(emas["emas"][name]).items():
@@ -181,7 +181,7 @@ def test_phema_cli_end_to_end(run, tmp_path, capsys):
     """Reconstruct 0.10 at a snapshot's step (gives the snapshot back), and 0.05 / 0.07 at the
     end; the folders sample, export, and load as init_from and as a teacher."""
     import scm_jax
-    from scm_jax.train.teacher import load_ema_params
+    from scm_jax.run.emas import load_ema_params
 
     code, out, err = run_cli(capsys, "phema", "--workdir", run, "--sigma-rel", "0.1",
                              "--at-step", "6", "--out", tmp_path / "at6")  # fmt: skip
@@ -302,7 +302,7 @@ def test_resume_neither_duplicates_nor_loses_snapshots(run, tmp_path):
 def test_snapshot_interval_may_change_on_resume(tmp_path):
     """ema.snapshot_every_kimg is not part of a run's identity: a run written before the field
     existed (or without snapshots) resumes with them on."""
-    from scm_jax.train.workdir import config_to_dict, prepare_workdir, run_identity
+    from scm_jax.run.layout import config_to_dict, prepare_workdir, run_identity
 
     old = config_to_dict(RUN)
     del old["ema"]["snapshot_every_kimg"]

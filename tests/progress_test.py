@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from scm_jax.train.progress import Progress, emit, format_duration
+from scm_jax.console import emit, format_duration
+from scm_jax.train.progress import Progress
 
 
 class FakeClock:

@@ -21,7 +21,7 @@ from helpers import folder_digest, quiet, read_and_react, smoke_config, tree_byt
 from scm_jax.config import checks as config_checks
 from scm_jax.config import defaults, validate
 from scm_jax.data.arrays import batch_indices
-from scm_jax.train.checkpoint import (
+from scm_jax.run.checkpoint import (
     Checkpointer,
     CheckpointMismatchError,
     join_state,

@@ -10,9 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from scm_jax import sampling
+from scm_jax import gmm, sampling
 from scm_jax import trigflow as tf
-from scm_jax.toy import gmm
 
 SIGMA_D = 0.5
 T_MAX = tf.t_max(80.0, SIGMA_D)
@@ -243,7 +242,7 @@ def test_sampler_sample_in_several_batches_keeps_order():
     batch, each from fold_in(key, i), the last one cut to size."""
     from helpers import tiny_unet
 
-    from scm_jax.sampler import Sampler
+    from scm_jax.run.sampler import Sampler
 
     nd = tiny_unet()
     sampler = Sampler(nd, nd.init(jax.random.key(0))["net"], sigma_d=SIGMA_D, batch_size=2)

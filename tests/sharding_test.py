@@ -143,7 +143,7 @@ def _step_setup():
     from helpers import tiny_unet
 
     from scm_jax.optim import make_optimizer
-    from scm_jax.train.state import init_state
+    from scm_jax.run.state import init_state
     from scm_jax.train.step import make_train_step
 
     nd = tiny_unet(guidance_input=False, channel_mult=(1,), attn_resolutions=())
@@ -192,9 +192,9 @@ def test_sharded_train_step_equals_one_device(shape, one_device_step):
 @pytest.mark.parametrize("target", [(1, 4, 1), (2, 2, 1)], ids=str)
 def test_restore_on_another_mesh_is_bit_exact(tmp_path, target):
     """Saved FSDP-sharded on 8 devices, restored on 4 devices (fsdp=4; data=2 x fsdp=2)."""
-    from scm_jax.train.checkpoint import Checkpointer
-    from scm_jax.train.state import state_shardings as train_shardings
-    from scm_jax.train.state import with_shardings
+    from scm_jax.run.checkpoint import Checkpointer
+    from scm_jax.run.state import state_shardings as train_shardings
+    from scm_jax.run.state import with_shardings
 
     _, state, _, _ = _step_setup()
     state = state.replace(params=jax.tree.map(lambda p: p + 0.1234567, state.params))

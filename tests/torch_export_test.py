@@ -16,10 +16,10 @@ from helpers import SIGMA_D, randomize
 from scm_jax import sampling, trigflow
 from scm_jax.config import defaults
 from scm_jax.data.scale import DataScale
-from scm_jax.export.files import export_config, load_export, save_export, tree_equal
 from scm_jax.export.stablehlo import consistency_noise
-from scm_jax.export.state_dict import to_state_dict
 from scm_jax.networks import build_network
+from scm_jax.run.exports import export_config, load_export, save_export, tree_equal
+from scm_jax.run.state_dict import to_state_dict
 
 torch = pytest.importorskip("torch", reason="needs PyTorch (pip install 'scm-jax[torch]')")
 scm_torch = pytest.importorskip("scm_jax.torch")
@@ -235,7 +235,7 @@ def test_torch_imported_only_where_needed():
     install it where it is missing; the subpackage never shadows the real torch."""
     code = (
         "import sys; sys.modules['torch'] = None\n"
-        "import scm_jax, scm_jax.export.command, scm_jax.export.files, scm_jax.sampler\n"
+        "import scm_jax, scm_jax.export.command, scm_jax.run.exports, scm_jax.run.sampler\n"
         "import scm_jax.train.loop, scm_jax.cli\n"
         "try:\n    import scm_jax.torch\nexcept ImportError as e:\n    print('HINT', e)\n"
     )
@@ -315,7 +315,7 @@ def test_edm2_import_gives_edm2_denoiser(tmp_path, fmt):
     from safetensors.torch import save_file
 
     from scm_jax.export.edm2 import import_edm2
-    from scm_jax.sampler import load_sampler
+    from scm_jax.run.sampler import load_sampler
 
     ref = edm2_reference()
     src = tmp_path / f"edm2.{fmt}"

@@ -13,9 +13,9 @@ import pytest
 from helpers import SIGMA_D, randomize
 
 from scm_jax import bench
-from scm_jax.export.state_dict import to_state_dict
 from scm_jax.losses import scd_loss
 from scm_jax.networks import build_network
+from scm_jax.run.state_dict import to_state_dict
 
 torch = pytest.importorskip("torch", reason="needs PyTorch (pip install 'scm-jax[torch]')")
 scm_torch = pytest.importorskip("scm_jax.torch")

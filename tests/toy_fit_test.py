@@ -8,9 +8,10 @@ import jax
 import numpy as np
 import pytest
 
+from scm_jax import gmm
 from scm_jax.eval.nearest_neighbor import nn_label_agreement
 from scm_jax.networks import build_network
-from scm_jax.toy import gmm, recipes
+from scm_jax.toy import recipes
 from scm_jax.toy.fit import fit
 
 TINY = {"arch": "mlp", "data_dim": 2, "hidden": 8, "depth": 1, "emb_channels": 8,

@@ -10,9 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from scm_jax import gmm
 from scm_jax import trigflow as tf
 from scm_jax.guidance import guided_F
-from scm_jax.toy import gmm, metrics
+from scm_jax.toy import metrics
 
 SIGMA_D = 0.5
 # Asymmetric weights and stds, non-zero mean, data std 0.39 != sigma_d: nothing cancels by symmetry.

@@ -136,7 +136,7 @@ def test_resume_after_kill_is_bit_identical(tmp_path, optimized):
     second = train(cfg, tmp_path / "resumed", log=quiet)
     assert second["step"] == n and straight["step"] == n
 
-    from scm_jax.train.checkpoint import Checkpointer
+    from scm_jax.run.checkpoint import Checkpointer
 
     a, b = Checkpointer(tmp_path / "straight"), Checkpointer(tmp_path / "resumed")
     assert b.all_steps() == [n // 2, n]
@@ -160,8 +160,8 @@ def test_train_state_is_created_sharded(tmp_path):
     """Params, Adam moments and EMAs are created FSDP-sharded: 1/8 of each leaf per device."""
     from scm_jax.networks import build_network
     from scm_jax.optim import make_optimizer
+    from scm_jax.run.state import create_sharded_state, init_state
     from scm_jax.sharding import make_mesh
-    from scm_jax.train.state import create_sharded_state, init_state
 
     cfg = defaults.load_config("mnist:smoke")
     nd = build_network(cfg.model)

@@ -21,8 +21,8 @@ from conftest import REPO
 from helpers import smoke_config
 from reliability_test import BATCH, _toy_train_process
 
+from scm_jax.run.checkpoint import Checkpointer
 from scm_jax.train import lock as lock_lib
-from scm_jax.train.checkpoint import Checkpointer
 from scm_jax.train.lock import LOCK_FILE, WorkdirInUseError, WorkdirLock, WorkdirLockError
 from scm_jax.train.loop import train
 from scm_jax.train.writers import DROPPED_FILE, METRICS_FILE, drop_rows_after, read_metrics

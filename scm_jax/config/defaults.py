@@ -44,7 +44,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "max_consecutive_nonfinite": 20,
 }
 # The ``ema`` section: EMA profiles (``scm_jax.ema``) and EDM2 post-hoc EMA snapshots
-# (``scm_jax.train.snapshots``, ``scm-jax phema``). A config's ``ema`` dict is merged over these.
+# (``scm_jax.run.snapshots``, ``scm-jax phema``). A config's ``ema`` dict is merged over these.
 EMA_DEFAULTS: dict[str, Any] = {
     "power_std": (),  # sigma_rel of each power-function EMA (EDM2: 0.05, 0.10)
     "halflife_kimg": 0.0,  # half-life EMA; 0 = none

@@ -12,7 +12,7 @@ from typing import Any
 from scm_jax import objectives
 from scm_jax.config import durations as config_durations
 from scm_jax.config.tables import FIELDS, SECTIONS
-from scm_jax.train.workdir import CONFIG_FILE as RUN_CONFIG
+from scm_jax.run.layout import CONFIG_FILE as RUN_CONFIG
 
 Relation = Callable[[Mapping[str, Any], bool], "list[str]"]  # (config, check_paths) -> problems
 

@@ -265,13 +265,13 @@ def toy_gmm(cfg: Mapping[str, Any], *, num_examples: int, seed: int) -> ArrayDat
     ``GaussianMixture.from_dict`` of the config's ``means`` / ``stds`` / ``weights``."""
     import jax
 
-    from scm_jax.toy.gmm import GaussianMixture
+    from scm_jax.gmm import GaussianMixture
 
     keys = ("means", "stds", "weights")
     if any(k not in cfg for k in keys) or num_examples <= 0:
         raise ValueError(
             "dataset.source='toy_gmm' needs dataset.means, dataset.stds, dataset.weights (e.g. "
-            "scm_jax.toy.gmm.ring_mixture().to_dict()) and dataset.num_examples > 0"
+            "scm_jax.gmm.ring_mixture().to_dict()) and dataset.num_examples > 0"
         )
     gmm = GaussianMixture.from_dict({k: cfg[k] for k in keys})
     return ArrayDataset(np.asarray(gmm.sample(jax.random.key(seed), num_examples), np.float32))

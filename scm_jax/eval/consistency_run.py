@@ -46,8 +46,8 @@ class TeacherModel:
 
 def _checkpoint_step(folder: str | Path) -> int | None:
     """The newest checkpoint step of a run (an export's recorded step)."""
-    from scm_jax.export.files import is_export, read_export_config
-    from scm_jax.train.checkpoint import Checkpointer
+    from scm_jax.run.checkpoint import Checkpointer
+    from scm_jax.run.exports import is_export, read_export_config
 
     if is_export(folder):
         return read_export_config(folder).get("step")
@@ -60,9 +60,9 @@ def _checkpoint_step(folder: str | Path) -> int | None:
 
 def teacher_identity(folder: str | Path, sigma_rel: float = 0.0) -> str:
     """What a run's (or export's) teacher weights are: folder, EMA and checkpoint step."""
-    from scm_jax.export.files import is_export, read_export_config
-    from scm_jax.train.teacher import ema_name_for
-    from scm_jax.train.workdir import load_run_config
+    from scm_jax.run.emas import ema_name_for
+    from scm_jax.run.exports import is_export, read_export_config
+    from scm_jax.run.layout import load_run_config
 
     if is_export(folder):
         ema = str(read_export_config(folder).get("ema"))
@@ -83,12 +83,12 @@ def default_cfg_scale(run_cfg: Mapping[str, Any], guidance: float | None) -> flo
 
 
 def exact_teacher(run_cfg: Mapping[str, Any], where: str) -> TeacherModel:
-    """The exact field of the toy mixture in ``run_cfg['dataset']`` (``scm_jax.toy.gmm``).
+    """The exact field of the toy mixture in ``run_cfg['dataset']`` (``scm_jax.gmm``).
 
     Raises:
       ValueError: the run's data is not a Gaussian mixture.
     """
-    from scm_jax.toy.gmm import GaussianMixture, teacher_apply_fn
+    from scm_jax.gmm import GaussianMixture, teacher_apply_fn
 
     ds = run_cfg["dataset"]
     if any(k not in ds for k in ("means", "stds", "weights")):
@@ -111,8 +111,8 @@ def run_teacher(
         sigma_d, no such EMA or no readable checkpoint.
     """
     from scm_jax.networks import build_network
-    from scm_jax.train.teacher import load_ema_params
-    from scm_jax.train.workdir import load_run_config
+    from scm_jax.run.emas import load_ema_params
+    from scm_jax.run.layout import load_run_config
 
     cfg = load_run_config(folder)
     if not objectives.is_diffusion(cfg.get("objective")):
@@ -146,7 +146,7 @@ def resolve_teacher(
       ValueError: none of these (the message says to pass ``--teacher``), or a teacher that
         cannot serve (see :func:`run_teacher`).
     """
-    from scm_jax.train.workdir import load_run_config
+    from scm_jax.run.layout import load_run_config
 
     sigma_d = float(run_cfg["trigflow"]["sigma_d"])
     if teacher == "exact_gmm":
@@ -342,11 +342,11 @@ def evaluate_run(
       FileNotFoundError / ValueError / CheckpointError: the run, its checkpoint, teacher or data.
     """
     from scm_jax.data.sources import load_dataset
-    from scm_jax.sampler import load_sampler
+    from scm_jax.run.checkpoint import CheckpointError
+    from scm_jax.run.emas import ema_name_for
+    from scm_jax.run.layout import load_run_config
+    from scm_jax.run.sampler import load_sampler
     from scm_jax.sharding import make_mesh
-    from scm_jax.train.checkpoint import CheckpointError
-    from scm_jax.train.teacher import ema_name_for
-    from scm_jax.train.workdir import load_run_config
 
     run_cfg = load_run_config(workdir)
     if num < 1 or heun_steps < 1:

@@ -30,10 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from scm_jax.console import format_duration
 from scm_jax.eval import fid
 from scm_jax.eval.inception import DEFAULT_RESIZE, RESIZE_METHODS, WEIGHTS_FILENAME
 from scm_jax.sharding import batch_sharding, make_mesh
-from scm_jax.train.progress import format_duration
 
 Array = jax.Array
 Log = Callable[[str], None]

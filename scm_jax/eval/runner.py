@@ -75,7 +75,7 @@ def sample_stats(
     separately); both functions are compiled before the timed loop.
 
     Args:
-      sampler: a ``scm_jax.sampler.Sampler`` whose parameters live on the mesh's devices
+      sampler: a ``scm_jax.run.sampler.Sampler`` whose parameters live on the mesh's devices
         (``load_sampler(..., mesh=mesh)``, or a training state's EMA).
       steps: network evaluations (consistency models) or EDM Heun steps (diffusion runs).
       num: number of samples, >= 2 (the last batch is generated whole and masked).
@@ -238,12 +238,12 @@ def evaluate(
       FileNotFoundError / ValueError / CheckpointError: missing run, checkpoints, weights or
         reference; another feature size; bad steps, NFE, num or guidance.
     """
-    from scm_jax.export.files import is_export
     from scm_jax.networks import build_network
-    from scm_jax.sampler import load_sampler
-    from scm_jax.train.checkpoint import Checkpointer, CheckpointError
-    from scm_jax.train.teacher import ema_of
-    from scm_jax.train.workdir import load_run_config
+    from scm_jax.run.checkpoint import Checkpointer, CheckpointError
+    from scm_jax.run.emas import ema_of
+    from scm_jax.run.exports import is_export
+    from scm_jax.run.layout import load_run_config
+    from scm_jax.run.sampler import load_sampler
 
     run_cfg = load_run_config(workdir)
     export = is_export(workdir)

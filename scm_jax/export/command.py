@@ -54,7 +54,7 @@ def check_out_dir(out: Path) -> None:
     Raises:
       ValueError: a file, a folder with other content (nothing is overwritten), or not writable.
     """
-    from scm_jax.export.files import is_export
+    from scm_jax.run.exports import is_export
 
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} is a file; give a folder for the export")
@@ -68,17 +68,17 @@ def check_out_dir(out: Path) -> None:
 
 def load_source(path: str | Path, *, ema: str | None, step: int | None) -> tuple[Any, dict]:
     """EMA network parameters (numpy tree) and export config of a run or an export folder."""
-    from scm_jax.export.files import export_config, is_export, load_export
+    from scm_jax.run.exports import export_config, is_export, load_export
 
     if is_export(path):
-        from scm_jax.train.teacher import check_export_ema
+        from scm_jax.run.emas import check_export_ema
 
         params, cfg = load_export(path)
         check_export_ema(cfg, path, ema=ema, step=step)
         return params, cfg
     import jax
 
-    from scm_jax.train.teacher import load_ema_checkpoint
+    from scm_jax.run.emas import load_ema_checkpoint
 
     # the step actually read: after a fallback past a damaged newest checkpoint, the older one
     params, run_cfg, name, step = load_ema_checkpoint(path, None, None, ema=ema, step=step,
@@ -121,8 +121,8 @@ def write_stablehlo(out: Path, params: Any, cfg: dict) -> list[str]:
 
     from scm_jax.data.scale import data_scale
     from scm_jax.export import stablehlo
-    from scm_jax.export.state_dict import to_state_dict
     from scm_jax.networks import build_network
+    from scm_jax.run.state_dict import to_state_dict
 
     nd = build_network(cfg["model"])
     state = to_state_dict(params)
@@ -177,7 +177,7 @@ def export_main(argv: Sequence[str]) -> int:
         raise FileNotFoundError(f"--workdir {args.workdir!r} is not a folder")
     check_out_dir(out)
     params, cfg = load_source(args.workdir, ema=args.ema, step=args.step)
-    from scm_jax.export.files import WEIGHTS_FILE, save_export
+    from scm_jax.run.exports import WEIGHTS_FILE, save_export
 
     save_export(out, params, cfg)
     print(f"wrote {out / WEIGHTS_FILE} and config.json (EMA {cfg['ema']}, step {cfg['step']})")

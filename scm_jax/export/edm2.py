@@ -34,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from scm_jax.export.files import export_config, save_export
-from scm_jax.export.state_dict import from_state_dict, load_safetensors
+from scm_jax.run.exports import export_config, save_export
+from scm_jax.run.state_dict import from_state_dict, load_safetensors
 
 INSTALL_HINT = "pip install 'scm-jax[torch]'"
 PKL_HINT = (

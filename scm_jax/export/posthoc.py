@@ -4,7 +4,7 @@
                 [--out DIR]
 
 Reads the run's EMA snapshots (``<workdir>/ema_snapshots/``, written with
-``ema.snapshot_every_kimg``; ``scm_jax.train.snapshots``), solves EDM2's least squares for each
+``ema.snapshot_every_kimg``; ``scm_jax.run.snapshots``), solves EDM2's least squares for each
 requested sigma_rel at the target time (default: the last snapshot; ``scm_jax.phema``) and writes
 one export folder per sigma_rel, ``DIR/phema_<sigma_rel>/`` (default ``DIR`` =
 ``<workdir>/phema``): ``model.safetensors`` + ``config.json`` with ``ema`` =
@@ -28,10 +28,10 @@ from typing import Any
 import numpy as np
 
 from scm_jax.export.command import check_out_dir
-from scm_jax.export.files import export_config, is_export, save_export
 from scm_jax.files import check_output_folder, replace_folder, temp_name
-from scm_jax.train.snapshots import Snapshot, read_snapshot, snapshot_dir, snapshot_path
-from scm_jax.train.snapshots import snapshot_steps as list_steps
+from scm_jax.run.exports import export_config, is_export, save_export
+from scm_jax.run.snapshots import Snapshot, read_snapshot, snapshot_dir, snapshot_path
+from scm_jax.run.snapshots import snapshot_steps as list_steps
 
 SIGMA_REL_MAX = 12**-0.5  # the power-function EMA needs 0 < sigma_rel < 1/sqrt(12)
 _GROUP = 8  # snapshot tensors summed at once (memory: this many copies of one tensor)
@@ -71,7 +71,7 @@ def load_snapshots(workdir: str | Path) -> tuple[dict[str, Any], list[Snapshot]]
         than 2, damaged ones, or snapshots of different batch sizes (each message says how to
         fix it).
     """
-    from scm_jax.train.workdir import load_run_config
+    from scm_jax.run.layout import load_run_config
 
     if is_export(workdir):
         raise ValueError(f"--workdir {str(workdir)!r} is an export folder; post-hoc EMA reads a "
@@ -179,9 +179,9 @@ def reconstruct(
       FileNotFoundError / ValueError: not a run, no or too few snapshots, a target outside the
         snapshots, an output folder holding other files; nothing is written then.
     """
-    from scm_jax.export.state_dict import from_state_dict
     from scm_jax.networks import build_network
     from scm_jax.phema import solve_coefficients
+    from scm_jax.run.state_dict import from_state_dict
 
     workdir = Path(workdir)
     sigma_rel = [float(s) for s in sigma_rel]

@@ -38,7 +38,7 @@ PLATFORMS = ("cpu", "cuda", "tpu")
 
 def params_from_state(state: Mapping[str, Array]) -> dict[str, Any]:
     """The Flax parameter tree of a PyTorch-layout state dict, inside a traced function
-    (the inverse of ``scm_jax.export.state_dict.to_state_dict``; transpositions only)."""
+    (the inverse of ``scm_jax.run.state_dict.to_state_dict``; transpositions only)."""
     out: dict[str, Any] = {}
     for name, a in state.items():
         *parents, last = name.split(".")

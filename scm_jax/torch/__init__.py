@@ -64,7 +64,7 @@ def load_network(
     """
     from safetensors.torch import load_file
 
-    from scm_jax.export.files import WEIGHTS_FILE, read_export_config
+    from scm_jax.run.exports import WEIGHTS_FILE, read_export_config
 
     cfg = read_export_config(export_dir)
     net = build_network(cfg["model"])

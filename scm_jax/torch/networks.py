@@ -7,7 +7,7 @@ labels, attention resolutions, channel multipliers, dropout and label dropout in
 mode). Images are NCHW.
 Module and parameter names follow the Flax tree (``enc_8x8_block0.conv_res0.weight`` is
 ``params['enc_8x8_block0']['conv_res0']['weight']``), so a ``state_dict`` is an export's
-safetensors file as it is (``scm_jax.export.state_dict``).
+safetensors file as it is (``scm_jax.run.state_dict``).
 """
 
 import inspect

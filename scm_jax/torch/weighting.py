@@ -3,7 +3,7 @@
 c_noise(t), its time features, then one magnitude-preserving linear unit; the objectives use it
 as (e^{w} / D) ||...||^2 - w (EDM2 Eq. 21 / sCM Eq. 8). Parameter names follow the Flax tree
 (``linear.weight`` ``(1, C)``, ``fourier.freqs`` / ``fourier.phases`` for ``'edm2_fourier'``),
-so ``scm_jax.export.state_dict.to_state_dict(params['weight'])`` is its ``state_dict``.
+so ``scm_jax.run.state_dict.to_state_dict(params['weight'])`` is its ``state_dict``.
 """
 
 from __future__ import annotations

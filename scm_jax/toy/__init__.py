@@ -5,7 +5,7 @@ noised mixture, the exact teacher ``ApplyFn`` and the exact PF-ODE flow map; ``m
 sample sets (sliced Wasserstein-2, RBF MMD^2) and measures mode coverage and precision.
 """
 
-from scm_jax.toy.gmm import (
+from scm_jax.gmm import (
     GaussianMixture,
     combine,
     conditional_teacher_apply_fn,

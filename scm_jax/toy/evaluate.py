@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 
 from scm_jax import trigflow
+from scm_jax.gmm import GaussianMixture, flow_map
 from scm_jax.guidance import ApplyFn
 from scm_jax.sampling import sample_consistency
-from scm_jax.toy.gmm import GaussianMixture, flow_map
 from scm_jax.toy.metrics import mode_statistics, sliced_wasserstein
 
 Array = jax.Array

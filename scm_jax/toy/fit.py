@@ -19,9 +19,9 @@ import jax.numpy as jnp
 import optax
 
 from scm_jax import objectives, trigflow
+from scm_jax.gmm import GaussianMixture
 from scm_jax.guidance import ApplyFn
 from scm_jax.networks import NetworkDef, project_weights
-from scm_jax.toy.gmm import GaussianMixture
 
 Array = jax.Array
 OBJECTIVES = objectives.names_where(lambda o: not o.critic)  # the sCM step's objectives
@@ -66,7 +66,7 @@ def fit(
 
     Args:
       objective: ``'diffusion'``, ``'sct'`` or ``'scd'`` (needs ``teacher_apply_fn``, e.g. the
-        exact mixture teacher ``scm_jax.toy.gmm.teacher_apply_fn``).
+        exact mixture teacher ``scm_jax.gmm.teacher_apply_fn``).
       nd: the network (``scm_jax.networks.build_network``), unconditional.
       gmm: the data distribution; key: PRNG key.
       sigma_d, P_mean, P_std: TrigFlow data std and the time proposal.

@@ -18,12 +18,12 @@ import jax
 import jax.numpy as jnp
 
 from scm_jax import objectives
+from scm_jax.gmm import GaussianMixture
 from scm_jax.guidance import ApplyFn
 from scm_jax.networks import NetworkDef
 from scm_jax.optim import make_optimizer
+from scm_jax.run.state import init_state
 from scm_jax.toy.fit import FitResult, concat_history
-from scm_jax.toy.gmm import GaussianMixture
-from scm_jax.train.state import init_state
 from scm_jax.train.step import make_train_step
 from scm_jax.train.step_dmd import DMDOptions, init_dmd_state, make_dmd_train_step
 
@@ -60,7 +60,7 @@ def fit_distill(
       objective: ``'scd'``, ``'dmd'`` or ``'rcm'``.
       nd: the (unconditional) student; the critic has the same architecture.
       gmm: the data (rCM's and sCD's x0); key: PRNG key.
-      teacher_apply_fn: the teacher (``scm_jax.toy.gmm.teacher_apply_fn``), no parameters.
+      teacher_apply_fn: the teacher (``scm_jax.gmm.teacher_apply_fn``), no parameters.
       init_net: network parameters both the student and the critic start from (e.g. a diffusion
         model fitted with ``toy.fit``); None: fresh.
       sigma_d, P_mean, P_std: data std and the sCD proposal (rCM's sCD term).

@@ -15,9 +15,9 @@ from typing import Any
 
 import jax
 
+from scm_jax import gmm as gmm_lib
 from scm_jax import objectives
 from scm_jax.networks import NetworkDef, build_network
-from scm_jax.toy import gmm as gmm_lib
 from scm_jax.toy.evaluate import evaluate_consistency_model, evaluate_modes
 from scm_jax.toy.fit import FitResult, fit
 from scm_jax.toy.fit_distill import fit_distill

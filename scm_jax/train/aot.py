@@ -35,10 +35,10 @@ from scm_jax.guidance import ApplyFn
 from scm_jax.losses import proposal_time_edges
 from scm_jax.networks import NetworkDef, build_network
 from scm_jax.optim import make_optimizer
+from scm_jax.run.state import TrainState, abstract_state, init_state
 from scm_jax.sharding import MESH_AXES, activation_rules, batch_sharding, make_mesh
 from scm_jax.train import dmd_config
 from scm_jax.train.metrics import NUM_TIME_BINS
-from scm_jax.train.state import TrainState, abstract_state, init_state
 from scm_jax.train.step import StepFn, make_train_step
 
 
@@ -168,7 +168,7 @@ def abstract_teacher(
     if not objectives.get(config.objective).needs_teacher:
         return None, None
     if config.teacher.get("kind", "network") == "exact_gmm":
-        from scm_jax.toy.gmm import GaussianMixture, teacher_apply_fn
+        from scm_jax.gmm import GaussianMixture, teacher_apply_fn
 
         gmm = GaussianMixture.from_dict(
             {k: config.dataset[k] for k in ("means", "stds", "weights")}

@@ -22,9 +22,9 @@ from scm_jax.guidance import ApplyFn
 from scm_jax.losses import proposal_time_edges
 from scm_jax.networks import NetworkDef
 from scm_jax.optim import make_optimizer
+from scm_jax.run.state import TrainState
 from scm_jax.sharding import batch_sharding
 from scm_jax.train.metrics import NUM_TIME_BINS
-from scm_jax.train.state import TrainState
 from scm_jax.train.step import StepFn
 from scm_jax.train.step_dmd import DMDOptions, init_dmd_state, make_dmd_train_step
 

@@ -17,8 +17,8 @@ USAGE, FAILED = 2, 1
 def exit_status(e: BaseException) -> int | None:
     """The exit status of training error ``e`` (:data:`USAGE` or :data:`FAILED`), or None for an
     error that is not the user's or the run's (a bug: re-raise it)."""
-    from scm_jax.train.checkpoint import CheckpointError
-    from scm_jax.train.checksums import CheckpointWriteError
+    from scm_jax.run.checkpoint import CheckpointError
+    from scm_jax.run.checksums import CheckpointWriteError
     from scm_jax.train.stopping import NonfiniteStepsError
 
     if isinstance(e, NonfiniteStepsError | CheckpointWriteError):

@@ -31,7 +31,7 @@ from jax.sharding import Mesh
 from scm_jax import objectives
 from scm_jax.eval import consistency, consistency_run, features, fid, runner
 from scm_jax.networks import NetworkDef
-from scm_jax.sampler import Sampler
+from scm_jax.run.sampler import Sampler
 
 
 class PeriodicEval:
@@ -158,8 +158,8 @@ class PeriodicConsistency:
         self, config: ml_collections.ConfigDict, mesh: Mesh, source: Any, teacher: Any,
         workdir: str | Path, log: Callable[[str], None], is_main_process: bool = True,
     ) -> None:  # fmt: skip
-        from scm_jax.export.files import default_guidance
-        from scm_jax.train.workdir import config_to_dict
+        from scm_jax.run.exports import default_guidance
+        from scm_jax.run.layout import config_to_dict
 
         ev, run_cfg = config.evals, config_to_dict(config)
         self.log, self.workdir = log, Path(workdir)

@@ -4,7 +4,7 @@ One function runs every objective from a config: it builds the mesh and network,
 and (for sCD) the teacher, creates the train state directly in its FSDP sharding (or restores the
 workdir's latest checkpoint, data position and RNG included), then steps a jitted, state-donating
 update, logging metrics, writing sample grids and checkpoints at the config's intervals (in
-images; post-hoc EMA snapshots with ``ema.snapshot_every_kimg``, ``scm_jax.train.snapshots``).
+images; post-hoc EMA snapshots with ``ema.snapshot_every_kimg``, ``scm_jax.run.snapshots``).
 The config is validated first (``scm_jax.config.validate``: every problem at once, before
 anything is compiled or loaded), then the workdir is locked (one trainer per workdir:
 ``scm_jax.train.lock``). SIGTERM / SIGINT (and JAX's preemption notices on multi-host runs)
@@ -12,7 +12,7 @@ stop it after the current step with a checkpoint, so a preempted job resumes exa
 stopped; a run of ``train.max_consecutive_nonfinite`` skipped (non-finite) steps stops it with a
 checkpoint and :class:`~scm_jax.train.stopping.NonfiniteStepsError`
 (``scm_jax.train.stopping``). A damaged newest checkpoint is set aside and the run resumes from
-the previous one (``scm_jax.train.checkpoint``).
+the previous one (``scm_jax.run.checkpoint``).
 """
 
 from __future__ import annotations
@@ -31,32 +31,34 @@ from jax.sharding import NamedSharding, PartitionSpec
 from scm_jax import objectives
 from scm_jax.config import durations as config_durations
 from scm_jax.config.validate import validate
+from scm_jax.console import emit
 from scm_jax.data.prefetch import Prefetcher
 from scm_jax.data.scale import data_scale
 from scm_jax.data.sources import load_dataset
 from scm_jax.losses import proposal_time_edges
 from scm_jax.networks import build_network
 from scm_jax.optim import make_optimizer
-from scm_jax.sampler import Sampler
-from scm_jax.sharding import activation_rules, batch_sharding, check_batch, mesh_from_config
-from scm_jax.train import metrics as metrics_lib
-from scm_jax.train.aot import state_fn, train_step_from_config
-from scm_jax.train.checkpoint import Checkpointer
-from scm_jax.train.evals import PeriodicConsistency, PeriodicEval
-from scm_jax.train.lock import WorkdirLock, is_coordinator
-from scm_jax.train.previews import write_previews
-from scm_jax.train.progress import Progress, emit
-from scm_jax.train.snapshots import SnapshotWriter
-from scm_jax.train.state import abstract_state, create_sharded_state, init_state, with_shardings
-from scm_jax.train.step import make_train_step
-from scm_jax.train.stopping import NonfiniteGuard, NonfiniteStepsError, StopSignals
-from scm_jax.train.teacher import Teacher, check_same_scale, load_ema_checkpoint, load_teacher
-from scm_jax.train.workdir import (
+from scm_jax.run.checkpoint import Checkpointer
+from scm_jax.run.emas import load_ema_checkpoint
+from scm_jax.run.layout import (
     check_same_architecture,
     load_run_config,
     prepare_workdir,
     run_identity,
 )
+from scm_jax.run.sampler import Sampler
+from scm_jax.run.snapshots import SnapshotWriter
+from scm_jax.run.state import abstract_state, create_sharded_state, init_state, with_shardings
+from scm_jax.sharding import activation_rules, batch_sharding, check_batch, mesh_from_config
+from scm_jax.train import metrics as metrics_lib
+from scm_jax.train.aot import state_fn, train_step_from_config
+from scm_jax.train.evals import PeriodicConsistency, PeriodicEval
+from scm_jax.train.lock import WorkdirLock, is_coordinator
+from scm_jax.train.previews import write_previews
+from scm_jax.train.progress import Progress
+from scm_jax.train.step import make_train_step
+from scm_jax.train.stopping import NonfiniteGuard, NonfiniteStepsError, StopSignals
+from scm_jax.train.teacher import Teacher, check_same_scale, load_teacher
 from scm_jax.train.writers import create_writers
 
 
@@ -129,7 +131,7 @@ def train(
       / FileNotFoundError / CheckpointError with a clear message for a bad config, missing data
       or teacher, a workdir holding another run or no readable checkpoint, or one in use by
       another trainer (``WorkdirInUseError``, ``scm_jax.train.lock``); nothing is overwritten.
-      CheckpointWriteError (``scm_jax.train.checksums``, one line) when an OS error (full disk,
+      CheckpointWriteError (``scm_jax.run.checksums``, one line) when an OS error (full disk,
       read-only filesystem...) stops a checkpoint write; the newest complete checkpoint is
       intact. NonfiniteStepsError after ``train.max_consecutive_nonfinite`` skipped steps in a
       row (a checkpoint of the last good parameters is written first).
@@ -237,7 +239,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable
     eval_every = every_steps(config.evals.every_kimg, config.batch_size)
     snap_every = every_steps(config.ema.snapshot_every_kimg, config.batch_size)
     snapshots = None
-    if snap_every:  # post-hoc EMA snapshots (scm_jax.train.snapshots, `scm-jax phema`)
+    if snap_every:  # post-hoc EMA snapshots (scm_jax.run.snapshots, `scm-jax phema`)
         snapshots = SnapshotWriter(workdir, config.ema.power_std, config.batch_size,
                                    is_main_process=is_main, log=log)  # fmt: skip
         snapshots.start(start)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from scm_jax import images, objectives
-from scm_jax.sampler import Sampler
+from scm_jax.run.sampler import Sampler
 
 
 def preview_kinds(objective: str, ode_steps: int) -> dict[str, int]:
@@ -29,7 +29,7 @@ def write_previews(
     """Sample ``num`` examples per kind from ``sampler`` and write them.
 
     Args:
-      sampler: a :class:`~scm_jax.sampler.Sampler` holding the parameters to show (an EMA).
+      sampler: a :class:`~scm_jax.run.sampler.Sampler` holding the parameters to show (an EMA).
       workdir: the run's folder; files go to ``samples/``.
       step: the training step (names the files).
       writers: ``scm_jax.train.writers`` writer (images also go to TensorBoard).

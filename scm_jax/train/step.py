@@ -42,7 +42,7 @@ from scm_jax import ema as ema_lib
 from scm_jax import objectives, trigflow
 from scm_jax.guidance import ApplyFn, sample_guidance_scale
 from scm_jax.networks import NetworkDef, project_weights
-from scm_jax.train.state import TrainState
+from scm_jax.run.state import TrainState
 
 Array = jax.Array
 StepFn = Callable[[TrainState, Array, Array | None, Any], tuple[TrainState, dict[str, Array]]]

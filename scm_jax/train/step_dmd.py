@@ -56,8 +56,8 @@ from scm_jax.losses import (
 )
 from scm_jax.networks import NetworkDef, project_weights
 from scm_jax.objectives import ROLLOUTS
+from scm_jax.run.state import TrainState, init_state, merge_params
 from scm_jax.sampling import consistency_times, sample_ode
-from scm_jax.train.state import TrainState, init_state, merge_params
 from scm_jax.train.step import (
     StepFn,
     _batch_layout,

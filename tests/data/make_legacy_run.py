@@ -34,7 +34,7 @@ def main() -> None:
 
     from scm_jax import cli
     from scm_jax.config import defaults
-    from scm_jax.sampler import load_sampler
+    from scm_jax.run.sampler import load_sampler
     from scm_jax.train.loop import train
 
     if OUT.exists():

@@ -8,7 +8,7 @@ signal or by non-finite steps)::
 
 One safetensors file (no pickle) per snapshot: tensors ``<ema name>/<PyTorch name>`` (e.g.
 ``power_0.050/enc_8x8_block0.conv_res0.weight``) in the layouts of an export
-(``scm_jax.export.state_dict``; bfloat16 stored as float32), and in the header's metadata
+(``scm_jax.run.state_dict``; bfloat16 stored as float32), and in the header's metadata
 ``scm_jax_snapshot``: JSON ``{"format_version", "step", "nimg", "batch_size", "emas":
 {name: sigma_rel}, "time"}``. EMA weights only, no optimiser state: a snapshot costs
 4 bytes x parameters x profiles (two profiles: imagenet64 size S, 294 M parameters, 2.35 GB;
@@ -128,7 +128,7 @@ def write_snapshot(
       emas: ``{name: network params tree}`` (numpy or jax arrays).
       sigma_rel: ``{name: sigma_rel}`` of the same names.
     """
-    from scm_jax.export.state_dict import save_safetensors, to_state_dict
+    from scm_jax.run.state_dict import save_safetensors, to_state_dict
 
     path = snapshot_path(workdir, step)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """Orbax's console noise after a failed restore, and only that, kept off the console.
 
-A damaged checkpoint is reported as one :class:`scm_jax.train.checkpoint.CheckpointError` line;
+A damaged checkpoint is reported as one :class:`scm_jax.run.checkpoint.CheckpointError` line;
 the asynchronous reads orbax and TensorStore abandon when a restore fails would otherwise print
 tracebacks long after that error was handled (docs/reliability.md, "Checkpoints").
 """

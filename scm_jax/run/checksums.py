@@ -13,7 +13,7 @@ for truncated or unreadable files come first and keep their messages); a size or
 or a listed file that is missing, is a damaged checkpoint (:class:`ChecksumError`), handled like
 any other (fall back to the previous checkpoint, set aside as ``<step>.damaged``). Checkpoints
 written before checksums existed have no ``checksums.json``: they restore unverified (the
-:class:`~scm_jax.train.checkpoint.Checkpointer` says so once).
+:class:`~scm_jax.run.checkpoint.Checkpointer` says so once).
 
 Why files, not arrays: the digest is of exactly the bytes on disk (metadata and OCDBT manifests
 included), needs no host copy of the state at save time (the loop donates its state to the next
@@ -50,7 +50,7 @@ from typing import Any
 
 import jax
 
-from scm_jax.train.progress import emit
+from scm_jax.console import emit
 
 CHECKSUMS_FILE = "checksums.json"
 ALGORITHM = "crc32"
@@ -267,7 +267,7 @@ def write_error(
 
 class _OrbaxWriteErrors(logging.Filter):
     """Drops orbax's reports (absl ERROR records with tracebacks, one per background thread) of
-    the OS errors that :class:`~scm_jax.train.checkpoint.Checkpointer` reports as one
+    the OS errors that :class:`~scm_jax.run.checkpoint.Checkpointer` reports as one
     :class:`CheckpointWriteError` line, and of its threads failing after the interpreter began
     to shut down (a run stopped at once: the previous checkpoint stays the newest)."""
 
@@ -289,7 +289,7 @@ def quiet_orbax_write_errors() -> None:
 
 
 class CheckpointIntegrity:
-    """The checksum and write-error half of :class:`~scm_jax.train.checkpoint.Checkpointer`
+    """The checksum and write-error half of :class:`~scm_jax.run.checkpoint.Checkpointer`
     (a base class: it uses the Checkpointer's ``directory``, ``manager``, ``_pending`` (the step
     being written), ``_closed`` and ``_unverified_noted``)."""
 

@@ -286,11 +286,11 @@ def load_sampler(
         None: the first device.
     Raises:
       FileNotFoundError: not a training run's folder; ValueError: no such EMA;
-      scm_jax.train.checkpoint.CheckpointError: no readable checkpoint.
+      scm_jax.run.checkpoint.CheckpointError: no readable checkpoint.
     """
-    from scm_jax.export.files import default_guidance
     from scm_jax.networks import build_network
-    from scm_jax.train.teacher import load_ema_checkpoint
+    from scm_jax.run.emas import load_ema_checkpoint
+    from scm_jax.run.exports import default_guidance
 
     params, cfg, _, step = load_ema_checkpoint(path, None, mesh, ema=ema, what="run", step=step)
     nd = build_network(cfg["model"])

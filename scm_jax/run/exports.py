@@ -27,13 +27,13 @@ from typing import Any
 
 import numpy as np
 
-from scm_jax.export.state_dict import load_safetensors, save_safetensors, to_state_dict
 from scm_jax.files import WriteError, write_json_atomic
+from scm_jax.run.state_dict import load_safetensors, save_safetensors, to_state_dict
 
 EXPORT_FORMAT = "scm-jax-export"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"  # = scm_jax.train.workdir.CONFIG_FILE
+CONFIG_FILE = "config.json"  # = scm_jax.run.layout.CONFIG_FILE
 
 
 def is_export(path: str | Path) -> bool:
@@ -147,8 +147,8 @@ def load_export(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
       FileNotFoundError / ValueError: missing or unreadable files, or weights that do not fit the
         config's network (the message names the tensors).
     """
-    from scm_jax.export.state_dict import from_state_dict
     from scm_jax.networks import build_network
+    from scm_jax.run.state_dict import from_state_dict
 
     cfg = read_export_config(path)
     state = load_safetensors(Path(path) / cfg.get("weights", WEIGHTS_FILE))

@@ -8,7 +8,7 @@ A run's workdir holds ``checkpoints/<step>/`` with three items:
 * ``meta``: JSON ``{'step', 'nimg', 'batch_size', 'seed', 'ema_names', 'objective',
   'identity', 'nonfinite_steps_total', 'nonfinite_in_a_row', 'time'}``; ``identity`` holds the
   config fields that decide the saved state and the data order
-  (``scm_jax.train.workdir.run_identity``; checkpoints written before it existed lack it).
+  (``scm_jax.run.layout.run_identity``; checkpoints written before it existed lack it).
 
 The data position is a pure function of (seed, step) (``scm_jax.data.arrays``) and the per-step
 randomness of (key, step), so ``state`` + ``meta`` are all a resumed run needs to continue
@@ -24,7 +24,7 @@ Failure handling:
   cannot be read (truncated or corrupted files fail orbax's reads and OCDBT's checksums);
   :meth:`set_aside` renames a damaged one to ``<step>.damaged`` (never deleted) so the run can
   write that step again;
-* **checksums, write errors** (``scm_jax.train.checksums``): ``checksums.json`` is verified
+* **checksums, write errors** (``scm_jax.run.checksums``): ``checksums.json`` is verified
   before items are read (a mismatch is damage); an OS error while writing raises one line;
 * **another run**: a checkpoint whose ``meta`` identity differs from the config raises
   :class:`CheckpointMismatchError` naming the fields, before any array is read.
@@ -41,10 +41,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from scm_jax.train import checksums
-from scm_jax.train.orbax_console import ignore_closed_loop_callbacks
-from scm_jax.train.progress import emit
-from scm_jax.train.state import TrainState
+from scm_jax.console import emit
+from scm_jax.run import checksums
+from scm_jax.run.orbax_console import ignore_closed_loop_callbacks
+from scm_jax.run.state import TrainState
 
 CHECKPOINT_DIR = "checkpoints"
 DAMAGED_SUFFIX = ".damaged"  # a damaged checkpoint set aside: <step>.damaged (orbax ignores it)
@@ -140,7 +140,7 @@ class Checkpointer(checksums.CheckpointIntegrity):
         """Start saving ``state`` at its step (asynchronously); returns whether a save started.
 
         Warns to ``log`` when the disk looks too small for it. Raises
-        :class:`~scm_jax.train.checksums.CheckpointWriteError` when this save or the previous
+        :class:`~scm_jax.run.checksums.CheckpointWriteError` when this save or the previous
         (asynchronous) one met an OS error."""
         item, emas = split_state(state)
         step = int(meta["step"])
@@ -298,7 +298,7 @@ class Checkpointer(checksums.CheckpointIntegrity):
         ``model.*``, data shape, batch, seed, EMAs, optimiser; ``only``: just the fields with
         these prefixes). Checkpoints written before ``meta`` recorded the identity are compared
         on their objective and batch only."""
-        from scm_jax.train.workdir import identity_diff
+        from scm_jax.run.layout import identity_diff
 
         if step is None:
             for s in sorted(self.all_steps(), reverse=True):
