@@ -48,6 +48,7 @@ test-fast: $(TEST_STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports  # the floors of docs/architecture.md (pyproject.toml [tool.importlinter])
 
 bench-sizes: $(STAMP)
 	$(BIN)/python benchmarks/model_sizes.py

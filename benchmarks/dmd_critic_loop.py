@@ -26,7 +26,7 @@ from scm_jax import bench
 from scm_jax.config import defaults
 from scm_jax.networks import build_network
 from scm_jax.optim import make_optimizer
-from scm_jax.train import aot
+from scm_jax.train import build
 from scm_jax.train.dmd_config import dmd_state_fn, dmd_step_from_config
 
 NAME = "dmd_critic_loop"
@@ -42,8 +42,8 @@ def compile_pair(spec: str, objective: str, k: int | None, batch: int) -> dict[s
             cfg.dmd.critic_updates = k
     nd = build_network(cfg.model)
     tx, schedule = make_optimizer(**cfg.optim, batch_size=batch)
-    teacher_fn, _ = aot.abstract_teacher(cfg)
-    t_nd = build_network(aot.teacher_model_config(cfg.model))
+    teacher_fn, _ = build.abstract_teacher(cfg)
+    t_nd = build_network(build.teacher_model_config(cfg.model))
     teacher = jax.jit(lambda key: t_nd.init(key)["net"])(jax.random.key(2))
     x0 = 0.5 * jax.random.normal(jax.random.key(1), (batch, *nd.sample_shape))
     labels = jnp.arange(batch, dtype=jnp.int32) % nd.num_classes if nd.num_classes else None

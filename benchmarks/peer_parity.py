@@ -21,7 +21,7 @@ from scm_jax import bench
 from scm_jax.losses import scd_loss
 from scm_jax.networks import build_network
 from scm_jax.run.state_dict import to_state_dict
-from scm_jax.train.aot import teacher_model_config
+from scm_jax.train.build import teacher_model_config
 
 # Beyond these the two steps do not compute the same thing, and peer_torch.py does not time them.
 TOLERANCE = {"forward": 1e-3, "loss": 1e-3, "grad": 1e-2}

@@ -41,7 +41,7 @@ from scm_jax import bench
 from scm_jax.losses import tangent_jvp
 from scm_jax.networks import build_network
 from scm_jax.run.state_dict import to_state_dict
-from scm_jax.train.aot import teacher_model_config
+from scm_jax.train.build import teacher_model_config
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_step  # benchmarks/train_step.py: the JAX step as that benchmark builds it

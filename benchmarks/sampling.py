@@ -42,7 +42,7 @@ from scm_jax.flops import count_flops
 from scm_jax.networks import build_network
 from scm_jax.networks.vae_decoder import SDVAEDecoder, init_random, raw_latents
 from scm_jax.run.sampler import Sampler
-from scm_jax.train.aot import teacher_model_config
+from scm_jax.train.build import teacher_model_config
 
 NAME = "sampling"
 GUIDANCE = 1.5  # the student's guidance input and the teacher's CFG scale

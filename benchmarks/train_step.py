@@ -4,7 +4,7 @@
   python benchmarks/train_step.py --cpu               # CPU: the 16x16 smoke network
   python benchmarks/train_step.py --sizes xl --objectives scd --batches 16,32,64 --remat block
 
-What is timed is the real training step: ``scm_jax.train.aot.train_step_from_config`` (the
+What is timed is the real training step: ``scm_jax.train.build.train_step_from_config`` (the
 step ``scm-jax train`` runs: the config's dropout, adaptive weighting, tangent normalisation,
 EMAs, Adam) jitted by ``jit_train_step`` with the state donated and in its sharding, on a
 ``('data', 'fsdp', 'tensor')`` mesh over all devices (the config's mesh section), traced
@@ -41,7 +41,7 @@ from scm_jax.networks import build_network
 from scm_jax.optim import make_optimizer
 from scm_jax.run.state import create_sharded_state, init_state
 from scm_jax.sharding import activation_rules, batch_sharding, mesh_from_config, state_shardings
-from scm_jax.train import aot
+from scm_jax.train import build
 
 NAME = "train_step"
 # (size, objective, per-device batch, remat), most important first: the budget cuts the tail.
@@ -99,12 +99,12 @@ def build_step(
     mesh = mesh_from_config(cfg.mesh)
     nd = build_network(cfg.model)
     tx, schedule = make_optimizer(**cfg.optim, batch_size=cfg.batch_size)
-    teacher_fn, teacher_abstract = aot.abstract_teacher(cfg)
-    step_fn = aot.train_step_from_config(cfg, nd, teacher_fn, mesh=mesh, tx=tx,
+    teacher_fn, teacher_abstract = build.abstract_teacher(cfg)
+    step_fn = build.train_step_from_config(cfg, nd, teacher_fn, mesh=mesh, tx=tx,
                                          schedule=schedule)  # fmt: skip
 
     def make_state(key: jax.Array, *init: Any) -> Any:
-        return init_state(nd, tx, key, init_net=init[0] if init else None, **aot.ema_options(cfg))
+        return init_state(nd, tx, key, init_net=init[0] if init else None, **build.ema_options(cfg))
 
     init = () if init_net is None else (init_net,)
     state, shardings = create_sharded_state(make_state, mesh, jax.random.key(0), *init,
@@ -115,7 +115,7 @@ def build_step(
         if teacher_net is not None:
             teacher = jax.device_put(teacher_net, t_shard)
         else:
-            t_nd = build_network(aot.teacher_model_config(cfg.model))
+            t_nd = build_network(build.teacher_model_config(cfg.model))
             teacher = jax.jit(lambda k: t_nd.init(k)["net"], out_shardings=t_shard)(
                 jax.random.key(2)
             )
@@ -124,7 +124,7 @@ def build_step(
     x0 = jax.device_put(0.5 * jax.random.normal(jax.random.key(1), (b, *nd.sample_shape)), xs)
     labels = jax.device_put(jnp.arange(b, dtype=jnp.int32) % nd.num_classes, xs)
     with activation_rules(mesh, rules):
-        jitted = aot.jit_train_step(step_fn, shardings, mesh)
+        jitted = build.jit_train_step(step_fn, shardings, mesh)
         compiled, stats = bench.compile_stats(jitted, state, x0, labels, teacher)
     box = [state]
     del state

@@ -68,7 +68,7 @@ def _save(results: dict[str, Any]) -> None:
 
 def _config(size: str, batch: int, micro: int, remat: str) -> Any:
     from scm_jax.config import defaults
-    from scm_jax.train.aot import with_overrides
+    from scm_jax.train.build import with_overrides
 
     cfg = defaults.load_config(CONFIG.format(size=size))
     return with_overrides(cfg, batch_size=batch, micro_batches=micro, remat=remat)

@@ -114,7 +114,7 @@ def suite_config(
       The (unlocked-then-relocked) ConfigDict.
     """
     from scm_jax.config import defaults
-    from scm_jax.train.aot import with_overrides
+    from scm_jax.train.build import with_overrides
 
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; expected one of {list(OBJECTIVES)}")

@@ -177,7 +177,9 @@ def cmd_info(config: ml_collections.ConfigDict, argv: Sequence[str]) -> int:
     if args.compile or args.topology:
         _prepare_jax(args.topology, args.devices or 1)
     from scm_jax import info as info_lib  # imports jax
-    from scm_jax.train.aot import parse_tpu_topology, with_overrides
+    from scm_jax import info_text
+    from scm_jax.train.aot import parse_tpu_topology
+    from scm_jax.train.build import with_overrides
 
     try:
         devices = args.devices
@@ -195,7 +197,7 @@ def cmd_info(config: ml_collections.ConfigDict, argv: Sequence[str]) -> int:
             info["compiled"] = info_lib.compiled_info(config, target)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    print(json.dumps(info, indent=2) if args.json else info_lib.format_info(info))
+    print(json.dumps(info, indent=2) if args.json else info_text.format_info(info))
     return 0
 
 

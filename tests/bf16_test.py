@@ -52,14 +52,14 @@ def test_bf16_policy_of_the_train_step():
     from scm_jax.flops import flops_by_dtype
     from scm_jax.networks import build_network
     from scm_jax.optim import make_optimizer
-    from scm_jax.train import aot
+    from scm_jax.train import build
 
     cfg = bench.suite_config("smoke", "scd_cfg", dtype="bfloat16", batch_size=2)
     nd = build_network(cfg.model)
     tx, _ = make_optimizer(**cfg.optim, batch_size=cfg.batch_size)
-    teacher_fn, teacher = aot.abstract_teacher(cfg)
-    step = aot.train_step_from_config(cfg, nd, teacher_fn, tx=tx)
-    state = aot.abstract_train_state(cfg, nd, tx)
+    teacher_fn, teacher = build.abstract_teacher(cfg)
+    step = build.train_step_from_config(cfg, nd, teacher_fn, tx=tx)
+    state = build.abstract_train_state(cfg, nd, tx)
     args = (state, jax.ShapeDtypeStruct((2, *nd.sample_shape), jnp.float32),
             jax.ShapeDtypeStruct((2,), jnp.int32), teacher)  # fmt: skip
     by_dtype = flops_by_dtype(step, *args)

@@ -16,9 +16,10 @@ import pytest
 
 from scm_jax import cli
 from scm_jax.config import defaults
-from scm_jax.info import format_info, mesh_axis_sizes, model_info, per_device_bytes
+from scm_jax.info import mesh_axis_sizes, model_info, per_device_bytes
+from scm_jax.info_text import format_info
 from scm_jax.sharding import DEFAULT_RULES, make_mesh, state_shardings
-from scm_jax.train import aot
+from scm_jax.train import aot, build
 
 
 def run_cli(capsys, *argv):
@@ -154,7 +155,7 @@ def test_state_bytes_per_device_equal_the_shards_jax_makes():
     assert info["per_device_batch"] == config.batch_size // 8
     nd = aot.build_network(config.model)
     tx, _ = aot.make_optimizer(**config.optim, batch_size=config.batch_size)
-    state = aot.abstract_train_state(config, nd, tx)
+    state = build.abstract_train_state(config, nd, tx)
     mesh = make_mesh(data=2, fsdp=4)
 
     def jax_bytes(tree):
@@ -215,12 +216,12 @@ def test_compile_on_8_simulated_devices(capsys):
 
 
 def test_train_step_from_config_refuses_what_training_refuses():
-    config = aot.with_overrides(defaults.load_config("mnist:smoke"), micro_batches=3)
+    config = build.with_overrides(defaults.load_config("mnist:smoke"), micro_batches=3)
     nd = aot.build_network(config.model)
     with pytest.raises(ValueError, match=r"not divisible by train\.micro_batches 3"):
-        aot.train_step_from_config(config, nd)
+        build.train_step_from_config(config, nd)
     with pytest.raises(ValueError, match="sCD needs a teacher"):
-        aot.train_step_from_config(defaults.load_config("mnist:smoke,objective=scd"), nd)
+        build.train_step_from_config(defaults.load_config("mnist:smoke,objective=scd"), nd)
 
 
 @pytest.mark.parametrize(

@@ -75,7 +75,7 @@ def dmd_step_from_config(
     schedule: Any = None, unroll_critic: bool = True,
 ) -> StepFn:  # fmt: skip
     """The (unjitted) DMD / rCM step of ``config`` (``make_dmd_train_step`` with its options);
-    arguments as ``scm_jax.train.aot.train_step_from_config``, ``unroll_critic`` as
+    arguments as ``scm_jax.train.build.train_step_from_config``, ``unroll_critic`` as
     ``make_dmd_train_step``'s."""
     validate_dmd_config(config)
     config = resolve_durations(config)  # dmd.start_step, the tangent warm-up in steps

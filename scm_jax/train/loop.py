@@ -26,7 +26,6 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from scm_jax import objectives
 from scm_jax.config import durations as config_durations
@@ -35,7 +34,6 @@ from scm_jax.console import emit
 from scm_jax.data.prefetch import Prefetcher
 from scm_jax.data.scale import data_scale
 from scm_jax.data.sources import load_dataset
-from scm_jax.losses import proposal_time_edges
 from scm_jax.networks import build_network
 from scm_jax.optim import make_optimizer
 from scm_jax.run.checkpoint import Checkpointer
@@ -48,15 +46,14 @@ from scm_jax.run.layout import (
 )
 from scm_jax.run.sampler import Sampler
 from scm_jax.run.snapshots import SnapshotWriter
-from scm_jax.run.state import abstract_state, create_sharded_state, init_state, with_shardings
+from scm_jax.run.state import abstract_state, create_sharded_state, with_shardings
 from scm_jax.sharding import activation_rules, batch_sharding, check_batch, mesh_from_config
 from scm_jax.train import metrics as metrics_lib
-from scm_jax.train.aot import state_fn, train_step_from_config
+from scm_jax.train.build import jit_train_step, state_fn, train_step_from_config
 from scm_jax.train.evals import PeriodicConsistency, PeriodicEval
 from scm_jax.train.lock import WorkdirLock, is_coordinator
 from scm_jax.train.previews import write_previews
 from scm_jax.train.progress import Progress
-from scm_jax.train.step import make_train_step
 from scm_jax.train.stopping import NonfiniteGuard, NonfiniteStepsError, StopSignals
 from scm_jax.train.teacher import Teacher, check_same_scale, load_teacher
 from scm_jax.train.writers import create_writers
@@ -169,13 +166,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable
 
     ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints)
     latest = ckpt.latest_step()
-    ema_cfg = {"power_std": tuple(config.ema.power_std), "halflife_kimg": config.ema.halflife_kimg}
     per_leaf = mesh.shape["fsdp"] * mesh.shape["tensor"] > 1  # params split: draw per leaf
-
-    def make_state(key, init_net):
-        if objectives.get(config.objective).critic:  # with the critic (train.step_dmd)
-            return state_fn(config, nd, tx, per_leaf=per_leaf)(key, init_net)
-        return init_state(nd, tx, key, **ema_cfg, init_net=init_net, per_leaf=per_leaf)
+    make_state = state_fn(config, nd, tx, per_leaf=per_leaf)  # (key, init_net) -> TrainState
 
     key = jax.random.key(config.seed)
     counts = {}  # a resumed run's non-finite step counts
@@ -205,30 +197,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable
 
     total_steps = math.ceil(config.total_kimg * 1000 / config.batch_size)
     start = int(state.step)
-    cm = objectives.get(config.objective).consistency
-    dmd_step = None
-    if objectives.get(config.objective).critic:  # generator + critic (train.step_dmd)
-        dmd_step = train_step_from_config(config, nd, teacher.apply_fn, mesh=mesh, tx=tx,
-                                          schedule=schedule)  # fmt: skip
-    step_fn = dmd_step or make_train_step(
-        nd, tx, schedule, objective=config.objective, sigma_d=sigma_d,
-        P_mean=config.trigflow.P_mean, P_std=config.trigflow.P_std,
-        batch_size=config.batch_size, **ema_cfg,
-        loss_options={
-            "warmup_steps": config.loss.tangent_warmup_steps,
-            "warmup_form": config.loss.warmup_form, "tangent_norm": config.loss.tangent_norm,
-            "tangent_c": config.loss.tangent_c, "mask_nonfinite": config.loss.mask_nonfinite,
-        } if cm else None,
-        adaptive_weighting=config.loss.adaptive_weighting,
-        teacher_apply_fn=None if teacher is None else teacher.apply_fn,
-        guidance_range=(config.teacher.guidance_min, config.teacher.guidance_max),
-        time_edges=proposal_time_edges(
-            config.trigflow.P_mean, config.trigflow.P_std, sigma_d, metrics_lib.NUM_TIME_BINS
-        ),
-        micro_batches=config.train.micro_batches, batch_sharding=batch_sharding(mesh, rules),
+    step_fn = train_step_from_config(  # the one builder (train.build): info and AOT use it too
+        config, nd, None if teacher is None else teacher.apply_fn, mesh=mesh, tx=tx,
+        schedule=schedule,
     )  # fmt: skip
-    replicated = NamedSharding(mesh, PartitionSpec())
-    jit_step = jax.jit(step_fn, donate_argnums=0, out_shardings=(shardings, replicated))
+    jit_step = jit_train_step(step_fn, shardings, mesh)
     accumulate = jax.jit(_accumulate)
     teacher_params = None if teacher is None else teacher.params
     x_sharding = batch_sharding(mesh, rules)
