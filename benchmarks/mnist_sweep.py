@@ -23,7 +23,7 @@ from mnist_default import nn_agreement
 
 from scm_jax import cli
 from scm_jax.data.sources import load_mnist_5k
-from scm_jax.images import save_grid
+from scm_jax.image_grids import save_grid
 from scm_jax.run.sampler import load_sampler
 from scm_jax.train.loop import train
 

@@ -46,7 +46,7 @@ import scm_jax
 import scm_jax.torch as scm_torch
 from scm_jax import cli
 from scm_jax.export.stablehlo import consistency_noise
-from scm_jax.images import make_grid
+from scm_jax.image_grids import make_grid
 
 # %% tags=["parameters"]
 QUICK = False  # True: the short version CI runs (a few steps; the same code and figures)

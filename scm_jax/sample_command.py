@@ -63,7 +63,7 @@ def sample_main(argv: Sequence[str]) -> int:
         labels = (labels * (args.num // len(labels) + 1))[: args.num]
     import numpy as np
 
-    from scm_jax import images
+    from scm_jax import image_grids
     from scm_jax.run.sampler import load_sampler
 
     sampler = load_sampler(args.workdir, ema=args.ema)
@@ -72,9 +72,9 @@ def sample_main(argv: Sequence[str]) -> int:
     x = sampler.sample(args.seed, args.num, steps=args.steps, labels=labels,
                        guidance=args.guidance)  # fmt: skip
     if out.suffix == ".png":
-        images.save_grid(out, x)
+        image_grids.save_grid(out, x)
     else:
         y = None if labels is None else np.asarray(labels, np.int32)
-        images.save_samples_npz(out, x, y)
+        image_grids.save_samples_npz(out, x, y)
     print(f"wrote {args.num} samples ({args.steps} steps) to {out}")
     return 0

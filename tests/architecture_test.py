@@ -60,8 +60,6 @@ def test_import_contract_fails_on_an_upward_import(tmp_path):
 # it is not, so the list only shrinks), and nothing may join it.
 KNOWN_LONG = {
     "scm_jax/bench.py",  # the benchmarks' measurement module, to leave the library
-    "scm_jax/eval/fid.py",
-    "scm_jax/sampling.py",
     "scm_jax/eval/runner.py:evaluate",
     "scm_jax/torch/unet.py:__init__",
     "scm_jax/toy/fit.py:fit",

@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from scm_jax import cli
 from scm_jax.eval import features, fid, runner
-from scm_jax.images import to_uint8
+from scm_jax.image_grids import to_uint8
 from scm_jax.run.sampler import Sampler
 from scm_jax.sharding import batch_sharding, make_mesh
 from scm_jax.train.loop import train

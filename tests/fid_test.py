@@ -12,7 +12,7 @@ import pytest
 import scipy.linalg
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from scm_jax.eval import fid
+from scm_jax.eval import feature_stats, fid
 from scm_jax.sharding import batch_sharding, make_mesh
 
 
@@ -49,11 +49,11 @@ def check_fid_of_two_feature_sets(n: int, d: int) -> None:
     ref = scipy_reference(*fid.stats_from_features(a), *fid.stats_from_features(b))
     streamed = []
     for x in (a, b):  # float32 accumulation in batches of 500 (the default without x64)
-        stats = fid.init(d)
+        stats = feature_stats.init(d)
         for i in range(0, n, 500):
-            stats = fid.update(stats, jnp.asarray(x[i : i + 500]))
+            stats = feature_stats.update(stats, jnp.asarray(x[i : i + 500]))
         assert stats.sum.dtype == jnp.float32
-        streamed.append(fid.finalize(stats)[:2])
+        streamed.append(feature_stats.finalize(stats)[:2])
     value = fid.frechet_distance(*streamed[0], *streamed[1])
     print(f"d={d} n={n}: FID {value:.6f}, scipy float64 reference {ref:.6f}, "
           f"relative difference {abs(value - ref) / ref:.2e}")  # fmt: skip
@@ -121,23 +121,29 @@ def test_streaming_with_masked_padding_equals_float64_reference():
     x = inception_like(0, 250, 16)
     sizes = [0, 64, 13, 64, 1, 60, 48]  # an empty batch first (sets no shift), then uneven ones
     assert sum(sizes) == len(x)
-    stats = fid.init(16)
-    compiled = fid.update._cache_size()
+    stats = feature_stats.init(16)
+    compiled = feature_stats.update._cache_size()
     for rows, mask in padded_batches(x, sizes, 64):
-        stats = fid.update(stats, rows, mask)
-    assert fid.update._cache_size() == compiled + 1  # one fixed batch shape: compiled once
-    mu, sigma, n = fid.finalize(stats)
+        stats = feature_stats.update(stats, rows, mask)
+    assert (
+        feature_stats.update._cache_size() == compiled + 1
+    )  # one fixed batch shape: compiled once
+    mu, sigma, n = feature_stats.finalize(stats)
     ref_mu, ref_sigma = fid.stats_from_features(x)
     assert n == 250 and mu.dtype == sigma.dtype == np.float64
     np.testing.assert_allclose(mu, ref_mu, rtol=1e-6)
     np.testing.assert_allclose(sigma, ref_sigma, rtol=1e-5, atol=1e-6 * np.abs(ref_sigma).max())
     np.testing.assert_allclose(ref_sigma, np.cov(x.astype(np.float64), rowvar=False), rtol=1e-12)
     with pytest.raises(ValueError, match="at least 2"):
-        fid.finalize(fid.update(fid.init(16), jnp.asarray(x[:1])))
+        feature_stats.finalize(feature_stats.update(feature_stats.init(16), jnp.asarray(x[:1])))
     with pytest.raises(ValueError, match="non-finite"):
-        fid.finalize(fid.update(fid.init(16), jnp.asarray(np.full((4, 16), np.inf, np.float32))))
+        feature_stats.finalize(
+            feature_stats.update(
+                feature_stats.init(16), jnp.asarray(np.full((4, 16), np.inf, np.float32))
+            )
+        )
     with pytest.raises(ValueError, match=r"expected features \(B, 16\)"):
-        fid.update(stats, jnp.zeros((4, 8)))
+        feature_stats.update(stats, jnp.zeros((4, 8)))
 
 
 def test_float32_shifted_accumulation_keeps_large_offsets_precise():
@@ -148,10 +154,10 @@ def test_float32_shifted_accumulation_keeps_large_offsets_precise():
         np.float32
     )
     ref_mu, ref_sigma = fid.stats_from_features(x)
-    stats = fid.init(d)
+    stats = feature_stats.init(d)
     for i in range(0, n, 2000):
-        stats = fid.update(stats, jnp.asarray(x[i : i + 2000]))
-    mu, sigma, _ = fid.finalize(stats)
+        stats = feature_stats.update(stats, jnp.asarray(x[i : i + 2000]))
+    mu, sigma, _ = feature_stats.finalize(stats)
     xj = jnp.asarray(x)
     s1 = np.asarray(xj.sum(0), np.float64)
     s2 = np.asarray(jnp.einsum("bi,bj->ij", xj, xj, precision="highest"), np.float64)
@@ -165,9 +171,9 @@ def test_float32_shifted_accumulation_keeps_large_offsets_precise():
 
 def test_float64_accumulation_with_x64(x64):
     x = inception_like(3, 100, 8).astype(np.float64)
-    stats = fid.update(fid.init(8), jnp.asarray(x))
+    stats = feature_stats.update(feature_stats.init(8), jnp.asarray(x))
     assert stats.sum_outer.dtype == jnp.float64
-    mu, sigma, _ = fid.finalize(stats)
+    mu, sigma, _ = feature_stats.finalize(stats)
     ref_mu, ref_sigma = fid.stats_from_features(x)
     np.testing.assert_allclose(mu, ref_mu, rtol=1e-13)
     np.testing.assert_allclose(sigma, ref_sigma, rtol=1e-11, atol=1e-14)
@@ -184,15 +190,18 @@ def test_sharded_update_equals_unsharded(mesh_kind):
         sharding = batch_sharding(mesh)
     x = inception_like(5, 200, 32)
     sizes = [64, 64, 50, 22]
-    sharded, plain = fid.init(32, mesh=mesh), fid.init(32)
+    sharded, plain = feature_stats.init(32, mesh=mesh), feature_stats.init(32)
     for rows, mask in padded_batches(x, sizes, 64):
         rows, smask = jax.device_put(rows, sharding), jax.device_put(mask, sharding)
         assert len(rows.sharding.device_set) == 8
-        sharded = fid.update(sharded, rows, smask)
-        plain = fid.update(plain, jax.device_put(rows, jax.devices()[0]), mask)
+        sharded = feature_stats.update(sharded, rows, smask)
+        plain = feature_stats.update(plain, jax.device_put(rows, jax.devices()[0]), mask)
     for leaf in jax.tree.leaves(sharded):
         assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == 8
-    (mu_s, sigma_s, n_s), (mu_p, sigma_p, n_p) = fid.finalize(sharded), fid.finalize(plain)
+    (mu_s, sigma_s, n_s), (mu_p, sigma_p, n_p) = (
+        feature_stats.finalize(sharded),
+        feature_stats.finalize(plain),
+    )
     assert n_s == n_p == 200
     np.testing.assert_allclose(mu_s, mu_p, rtol=1e-6)
     np.testing.assert_allclose(sigma_s, sigma_p, rtol=1e-5, atol=1e-7)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 
-from scm_jax import networks
 from scm_jax.config import defaults
 from scm_jax.config.checks import (
     Check,
@@ -21,6 +20,7 @@ from scm_jax.config.checks import (
 )
 from scm_jax.data.scale import NORMALIZE_MODES
 from scm_jax.losses.common import TANGENT_NORMS, WARMUP_FORMS
+from scm_jax.networks import build as networks
 from scm_jax.objectives import ROLLOUTS
 from scm_jax.optim import OPTIMIZER_MOMENTS
 

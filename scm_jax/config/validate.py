@@ -25,10 +25,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from scm_jax import networks, objectives
+from scm_jax import objectives
 from scm_jax.config.checks import Check, ConfigError
 from scm_jax.config.relations import RELATIONS, Relation, _dmd
 from scm_jax.config.tables import _DEFAULTS, EMA_STD_MAX, FIELDS, SECTIONS
+from scm_jax.networks import build as networks
 
 __all__ = [
     "EMA_STD_MAX", "SECTIONS", "ConfigError", "problems", "register_relation",

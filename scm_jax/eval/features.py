@@ -4,12 +4,12 @@
   mu, sigma, n, secs = dataset_stats(source, 50_000, features=ext, mesh=mesh)
 
 One jitted function per batch maps images to Inception features and adds them to the running
-``scm_jax.eval.fid.FeatureStats``; batches have one fixed size (a multiple of the mesh's device
-count, split over ``('data', 'fsdp')``), the last one padded and masked. Float images in [-1, 1]
-are first quantised like saved PNGs (``scm_jax.images.to_uint8``: u = round((x + 1) 127.5),
-clipped to 0..255, NaN -> 0), and every uint8 image is then mapped to the network's range with
-the recorded ``input_convention`` ('tf': (u - 128) / 128). Data sources give u / 127.5 - 1, which
-quantises back to u exactly, so datasets and samples go through the same pipeline. A model's
+``scm_jax.eval.feature_stats.FeatureStats``; batches have one fixed size (a multiple of the mesh's
+device count, split over ``('data', 'fsdp')``), the last one padded and masked. Float images in
+[-1, 1] are first quantised like saved PNGs (``scm_jax.image_grids.to_uint8``: u = round((x + 1)
+127.5), clipped to 0..255, NaN -> 0), and every uint8 image is then mapped to the network's range
+with the recorded ``input_convention`` ('tf': (u - 128) / 128). Data sources give u / 127.5 - 1,
+which quantises back to u exactly, so datasets and samples go through the same pipeline. A model's
 samples go through it in ``scm_jax.eval.runner``.
 """
 
@@ -31,7 +31,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from scm_jax.console import format_duration
-from scm_jax.eval import fid
+from scm_jax.eval import feature_stats, fid
 from scm_jax.eval.inception import DEFAULT_RESIZE, RESIZE_METHODS, WEIGHTS_FILENAME
 from scm_jax.sharding import batch_sharding, make_mesh
 
@@ -136,7 +136,8 @@ def check_image_shape(shape: Sequence[int], what: str) -> None:
 
 def to_network_range(images: Array, convention: str) -> Array:
     """uint8 (or integer) pixels, or float images in [-1, 1] quantised like saved PNGs
-    (``scm_jax.images.to_uint8``), -> float32 in the network's range (``to_inception_range``)."""
+    (``scm_jax.image_grids.to_uint8``), -> float32 in the network's range
+    (``to_inception_range``)."""
     from scm_jax.eval.inception import to_inception_range
 
     if jnp.issubdtype(images.dtype, jnp.floating):
@@ -181,16 +182,16 @@ class FeaturePipeline:
         self.params = jax.device_put(extractor.params, self.replicated)
         convention = extractor.convention
 
-        def step(params: Any, stats: fid.FeatureStats, images: Array, mask: Array):
+        def step(params: Any, stats: feature_stats.FeatureStats, images: Array, mask: Array):
             feats = extractor.apply(params, to_network_range(images, convention))
-            return fid.update(stats, feats, mask)
+            return feature_stats.update(stats, feats, mask)
 
         self._step = jax.jit(step, out_shardings=self.replicated)
         self._compiled: dict[tuple, Any] = {}  # (images shape, dtype) -> executable
 
-    def init(self) -> fid.FeatureStats:
+    def init(self) -> feature_stats.FeatureStats:
         """Empty statistics, replicated on the mesh."""
-        return fid.init(self.extractor.dim, mesh=self.mesh)
+        return feature_stats.init(self.extractor.dim, mesh=self.mesh)
 
     def place(self, images: Any) -> tuple[Array, Array]:
         """``(images, mask)`` on the mesh: host ``(n <= batch, H, W, C)`` arrays are padded with
@@ -207,14 +208,16 @@ class FeaturePipeline:
         mask = np.arange(self.batch) < n
         return jax.device_put(images, self.sharding), jax.device_put(mask, self.sharding)
 
-    def compile(self, stats: fid.FeatureStats, images: Any, mask: Array) -> float:
+    def compile(self, stats: feature_stats.FeatureStats, images: Any, mask: Array) -> float:
         """Compile for these inputs' shapes and shardings ahead of time (``images`` may be a
         ``jax.ShapeDtypeStruct``); returns the seconds it took (0 when already compiled)."""
         key = (tuple(images.shape), str(images.dtype))
         self._compiled[key], seconds = compile_once(self._step, self.params, stats, images, mask)
         return seconds
 
-    def __call__(self, stats: fid.FeatureStats, images: Array, mask: Array) -> fid.FeatureStats:
+    def __call__(
+        self, stats: feature_stats.FeatureStats, images: Array, mask: Array
+    ) -> feature_stats.FeatureStats:
         """Add the masked rows of placed ``images`` (from :meth:`place`) to ``stats``."""
         fn = self._compiled.get((tuple(images.shape), str(images.dtype)), self._step)
         return fn(self.params, stats, images, mask)
@@ -302,7 +305,7 @@ def dataset_stats(
         stats = pipe(stats, images, mask)
     jax.block_until_ready(stats.count)
     progress(num)
-    mu, sigma, n = fid.finalize(stats)
+    mu, sigma, n = feature_stats.finalize(stats)
     return mu, sigma, n, time.perf_counter() - t0
 
 

@@ -24,7 +24,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from scm_jax import objectives
-from scm_jax.eval import fid
+from scm_jax.eval import feature_stats, fid
 from scm_jax.eval.features import (
     DEFAULT_CONVENTION,
     FeatureExtractor,
@@ -127,7 +127,7 @@ def sample_stats(
             args = inputs(i + 1)
         done = min((i + 1) * b, num)
         progress(done, f"  sampling {done / t_sample:.3g} img/s" if done == num else "")
-    mu, sigma, n = fid.finalize(stats)
+    mu, sigma, n = feature_stats.finalize(stats)
     return SampleStats(mu, sigma, n, t_sample, t_feat, compile_s, sampler.nfe(steps))
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from scm_jax import images, objectives
+from scm_jax import image_grids, objectives
 from scm_jax.run.sampler import Sampler
 
 
@@ -48,11 +48,11 @@ def write_previews(
         out_dir.mkdir(parents=True, exist_ok=True)
         if len(sampler.shape) == 3:
             path = out_dir / f"{step:08d}_{name}.png"
-            grid = images.make_grid(x)
-            images.save_png(path, grid)
+            grid = image_grids.make_grid(x)
+            image_grids.save_png(path, grid)
             writers.write_images(step, {f"samples/{name}": grid})
         else:
             path = out_dir / f"{step:08d}_{name}.npz"
-            images.save_samples_npz(path, x)
+            image_grids.save_samples_npz(path, x)
         paths.append(str(path))
     return paths
