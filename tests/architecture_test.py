@@ -64,7 +64,6 @@ KNOWN_LONG = {
     "scm_jax/torch/unet.py:__init__",
     "scm_jax/toy/fit.py:fit",
     "scm_jax/train/loop.py:_train",
-    "scm_jax/train/step.py:make_train_step",
     "scm_jax/train/step_dmd.py:make_dmd_train_step",
 }
 

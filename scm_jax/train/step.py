@@ -36,13 +36,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
 from scm_jax import ema as ema_lib
 from scm_jax import objectives, trigflow
 from scm_jax.guidance import ApplyFn, sample_guidance_scale
 from scm_jax.networks import NetworkDef, project_weights
 from scm_jax.run.state import TrainState
+from scm_jax.train.microbatch import accumulate_micro_batches
 
 Array = jax.Array
 StepFn = Callable[[TrainState, Array, Array | None, Any], tuple[TrainState, dict[str, Array]]]
@@ -86,12 +87,6 @@ def _per_sample_dropout(apply_fn: ApplyFn, spmd_axes: tuple[str, ...] | None) ->
         return jax.vmap(one, spmd_axis_name=spmd_axes)(x_scaled, t, labels, guidance, key)
 
     return apply
-
-
-def _bin_counts(t: Array, edges: Any, num_bins: int) -> Array:
-    """Samples per time bin ``(num_bins,)``, binned as ``losses.common.time_bin_means`` does."""
-    bins = jnp.searchsorted(jnp.asarray(edges, t.dtype), t, side="right")
-    return jax.nn.one_hot(bins, num_bins, dtype=jnp.float32).sum(axis=0)
 
 
 def make_train_step(
@@ -145,21 +140,8 @@ def make_train_step(
         cannot take, or a batch that does not split into ``micro_batches`` x batch shards.
     """
     entry = objectives.get(objective)
-    if entry.critic:
-        raise ValueError(f"objective {objective!r} trains with a critic: use make_dmd_train_step")
-    if entry.needs_teacher and teacher_apply_fn is None:
-        raise ValueError(f"{entry.label} needs a teacher (teacher_apply_fn)")
     g_min, g_max = (float(v) for v in guidance_range)
-    guided = entry.needs_teacher and nd.guidance_input
-    if entry.needs_teacher and not nd.guidance_input and (g_min, g_max) != (1.0, 1.0):
-        raise ValueError(
-            f"teacher guidance range [{g_min}, {g_max}] needs a student with a guidance input "
-            "(model.guidance_input=True); or set teacher.guidance_min = guidance_max = 1"
-        )
-    if guided and nd.num_classes == 0:
-        raise ValueError("classifier-free guidance needs a class-conditional network")
-    if isinstance(micro_batches, bool) or int(micro_batches) != micro_batches or micro_batches < 1:
-        raise ValueError(f"train.micro_batches must be an integer >= 1, got {micro_batches!r}")
+    guided = _check_step_options(entry, nd, teacher_apply_fn, (g_min, g_max), micro_batches)
     k = int(micro_batches)
     batch_axes, shards = _batch_layout(batch_sharding)
     check_micro_batches(batch_size, k, shards)
@@ -170,18 +152,49 @@ def make_train_step(
     stochastic = _has_dropout(nd)
     apply_fn = _per_sample_dropout(nd.apply_fn, batch_axes) if stochastic else nd.apply_fn
 
-    def draw(key: Array, x0: Array) -> tuple[dict[str, Array], Array]:
-        """Per-sample randomness of the whole batch, and the dropout key."""
-        b = x0.shape[0]
-        k_z, k_t, k_drop, k_s = jax.random.split(key, 4)
-        rand = {
-            "z": trigflow.sample_noise(k_z, x0.shape, sigma_d, x0.dtype),
-            "t": trigflow.sample_t_lognormal(k_t, (b,), P_mean, P_std, sigma_d, x0.dtype),
-            "row": jnp.arange(b, dtype=jnp.uint32),  # per-sample dropout: fold_in(k_drop, row)
-        }
-        if guided:
-            rand["guidance"] = sample_guidance_scale(k_s, b, g_min, g_max, x0.dtype)
-        return rand, k_drop
+    loss_fn = objective_loss_fn(entry, apply_fn, weight_fn, teacher_apply_fn, sigma_d=sigma_d,
+                                cm_options=cm_options, stochastic=stochastic)  # fmt: skip
+
+    def train_step(state, x0, labels, teacher_params):
+        check_micro_batches(x0.shape[0], k, shards)
+        key = jax.random.fold_in(state.key(), state.step)
+        rand, k_drop = draw_randomness(
+            key,
+            x0,
+            sigma_d=sigma_d,
+            P_mean=P_mean,
+            P_std=P_std,
+            guidance_range=(g_min, g_max) if guided else None,
+        )
+        batch = {"x0": x0, "labels": labels, **rand}
+        if k == 1:
+            (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                state.params, batch, k_drop, teacher_params, state.step, time_edges
+            )
+        else:
+            (loss, aux), grads = accumulate_micro_batches(
+                loss_fn, state.params, batch, k_drop, teacher_params, state.step, k=k,
+                shards=shards, batch_sharding=batch_sharding, time_edges=time_edges, cm=cm,
+                mask_nonfinite=mask_nonfinite,
+            )  # fmt: skip
+        new_state, grad_norm, ok = guarded_update(
+            state, loss, grads, tx, batch_size=batch_size, power_std=power_std,
+            halflife_kimg=halflife_kimg,
+        )  # fmt: skip
+        values = _step_values(loss, aux, grad_norm, ok, schedule(state.step), consistency=cm)
+        return new_state, values
+
+    return train_step
+
+
+def objective_loss_fn(
+    entry: objectives.Objective, apply_fn: ApplyFn, weight_fn: Any,
+    teacher_apply_fn: ApplyFn | None, *, sigma_d: float, cm_options: Mapping[str, Any],
+    stochastic: bool,
+) -> Callable[..., tuple[Array, dict[str, Array]]]:  # fmt: skip
+    """``loss_fn(params, batch, k_drop, teacher_params, step, edges) -> (loss, aux)``: the
+    objective's loss from the table (diffusion_loss, sct_loss or scd_loss) on a batch of
+    :func:`draw_randomness`, with per-sample dropout keys when the network has dropout."""
 
     def loss_fn(params, batch, k_drop, teacher_params, step, edges):
         x0, z, t, labels = batch["x0"], batch["z"], batch["t"], batch.get("labels")
@@ -189,7 +202,7 @@ def make_train_step(
         if stochastic:
             key = jax.vmap(jax.random.fold_in, (None, 0))(k_drop, batch["row"])
         common = {"sigma_d": sigma_d, "labels": labels, "key": key, "time_edges": edges}
-        if not entry.scm_term:  # the objective's loss (objectives table): diffusion_loss
+        if not entry.scm_term:  # diffusion_loss
             return entry.loss(apply_fn, weight_fn, params, x0, z, t, **common)
         cm_kw = {**common, "step": step, **cm_options}
         if not entry.tangent_from_teacher:  # sct_loss
@@ -199,134 +212,109 @@ def make_train_step(
             guidance=batch.get("guidance"), **cm_kw,
         )  # fmt: skip
 
-    def split(a: Array) -> Array:
-        """``(B, ...)`` -> ``(k, B / k, ...)``, micro-batch j = block j of every shard's rows."""
-        a = a.reshape((shards, k, -1, *a.shape[1:]))
-        a = jnp.swapaxes(a, 0, 1).reshape((k, -1, *a.shape[3:]))
-        if batch_sharding is None:
-            return a
-        spec = PartitionSpec(None, *batch_sharding.spec)
-        return jax.lax.with_sharding_constraint(a, NamedSharding(batch_sharding.mesh, spec))
+    return loss_fn
 
-    def accumulated(params, batch, k_drop, teacher_params, step):
-        """``((loss, aux), grads)`` of the whole batch from k micro-batches (module docstring)."""
-        edges = time_edges
-        if edges is None:  # the whole batch's quartiles, as time_bin_means would take them
-            t = batch["t"]
-            edges = jnp.quantile(t, jnp.array([0.25, 0.5, 0.75], t.dtype))
-        num_bins = len(edges) + 1
 
-        def body(acc, mb):
-            (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-                params, mb, k_drop, teacher_params, step, edges
-            )
-            n = jnp.float32(mb["t"].shape[0])
-            n_fin = jnp.round((1.0 - aux["nonfinite_fraction"]) * n) if cm else n
-            n_keep = n_fin if cm and mask_nonfinite else n  # the loss's denominator
-            counts = _bin_counts(mb["t"], edges, num_bins)
-            out = {
-                "grads": jax.tree.map(lambda s, g: s + n_keep * g, acc["grads"], grads),
-                "n_keep": acc["n_keep"] + n_keep,
-                "loss": acc["loss"] + n_keep * loss,
-                "mse": acc["mse"] + n_keep * aux["mse"],
-                "w_mean": acc["w_mean"] + n * aux["w_mean"],
-                "bin_totals": acc["bin_totals"] + counts * aux["loss_per_time_bin"],
-                "bin_counts": acc["bin_counts"] + counts,
-            }
-            if cm:  # tangent norms of finite samples: count, mean, M2 (Chan et al.), max
-                n_a, mean_a = acc["g_n"], acc["g_mean"]
-                n_ab = n_a + n_fin
-                delta = aux["g_norm_mean"] - mean_a
-                frac = n_fin / jnp.maximum(n_ab, 1.0)
-                m2_b = aux["g_norm_std"] ** 2 * n_fin
-                out.update(
-                    g_n=n_ab,
-                    g_mean=mean_a + delta * frac,
-                    g_m2=acc["g_m2"] + m2_b + delta**2 * n_a * frac,
-                    g_max=jnp.maximum(acc["g_max"], aux["g_norm_max"]),
-                    nonfinite=acc["nonfinite"] + n * aux["nonfinite_fraction"],
-                    r=aux["r"],
-                )
-            return jax.tree.map(lambda new, old: new.astype(old.dtype), out, acc), None
-
-        zero = jnp.float32(0.0)
-        init = {
-            "grads": jax.tree.map(
-                lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)), params
-            ),
-            "n_keep": zero, "loss": zero, "mse": zero, "w_mean": zero,
-            "bin_totals": jnp.zeros((num_bins,), jnp.float32),
-            "bin_counts": jnp.zeros((num_bins,), jnp.float32),
-        }  # fmt: skip
-        if cm:
-            init.update(g_n=zero, g_mean=zero, g_m2=zero, g_max=zero, nonfinite=zero, r=zero)
-        xs = {name: split(a) for name, a in batch.items() if a is not None}
-        acc, _ = jax.lax.scan(body, init, xs)
-        b = jnp.float32(batch["t"].shape[0])
-        denom = jnp.maximum(acc["n_keep"], 1.0)
-        grads = jax.tree.map(lambda s, p: (s / denom).astype(p.dtype), acc["grads"], params)
-        aux = {
-            "mse": acc["mse"] / denom,
-            "w_mean": acc["w_mean"] / b,
-            "loss_per_time_bin": acc["bin_totals"] / jnp.maximum(acc["bin_counts"], 1.0),
-        }
-        if cm:
-            aux.update(
-                g_norm_mean=acc["g_mean"],
-                g_norm_std=jnp.sqrt(acc["g_m2"] / jnp.maximum(acc["g_n"], 1.0)),
-                g_norm_max=acc["g_max"],
-                nonfinite_fraction=acc["nonfinite"] / b,
-                r=acc["r"],
-            )
-        return (acc["loss"] / denom, aux), grads
-
-    def train_step(state, x0, labels, teacher_params):
-        check_micro_batches(x0.shape[0], k, shards)
-        key = jax.random.fold_in(state.key(), state.step)
-        rand, k_drop = draw(key, x0)
-        batch = {"x0": x0, "labels": labels, **rand}
-        if k == 1:
-            (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-                state.params, batch, k_drop, teacher_params, state.step, time_edges
-            )
-        else:
-            (loss, aux), grads = accumulated(
-                state.params, batch, k_drop, teacher_params, state.step
-            )
-        grad_norm = optax.tree_utils.tree_norm(grads)
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = project_weights(optax.apply_updates(state.params, updates))
-        params = _tree_where(ok, params, state.params)
-        opt_state = _tree_where(ok, opt_state, state.opt_state)
-        nimg = (state.step + 1).astype(jnp.float32) * batch_size
-        emas = ema_lib.update_emas(
-            state.emas, params["net"], nimg, batch_size, power_std, halflife_kimg
+def _check_step_options(
+    entry: objectives.Objective, nd: NetworkDef, teacher_apply_fn: ApplyFn | None,
+    guidance_range: tuple[float, float], micro_batches: Any,
+) -> bool:  # fmt: skip
+    """Raise ValueError for options the sCM / diffusion step cannot train; returns whether the
+    student takes a per-sample CFG scale (a distilling objective and a guidance input)."""
+    if entry.critic:
+        raise ValueError(f"objective {entry.name!r} trains with a critic: use make_dmd_train_step")
+    if entry.needs_teacher and teacher_apply_fn is None:
+        raise ValueError(f"{entry.label} needs a teacher (teacher_apply_fn)")
+    g_min, g_max = guidance_range
+    guided = entry.needs_teacher and nd.guidance_input
+    if entry.needs_teacher and not nd.guidance_input and (g_min, g_max) != (1.0, 1.0):
+        raise ValueError(
+            f"teacher guidance range [{g_min}, {g_max}] needs a student with a guidance input "
+            "(model.guidance_input=True); or set teacher.guidance_min = guidance_max = 1"
         )
-        new_state = state.replace(
-            step=state.step + 1, params=params, opt_state=opt_state,
-            emas=_tree_where(ok, emas, state.emas),
-        )  # fmt: skip
-        values = {
-            "loss": loss,
-            "mse": aux["mse"],
-            "w_mean": aux["w_mean"],
-            "loss_per_time_bin": aux["loss_per_time_bin"],
-            "grad_norm": grad_norm,
-            "learning_rate": schedule(state.step),
-            "nonfinite_steps": 1.0 - ok.astype(jnp.float32),
-        }
-        if cm:
-            values.update(
-                tangent_norm=aux["g_norm_mean"],
-                tangent_norm_std=aux["g_norm_std"],
-                tangent_norm_max=aux["g_norm_max"],
-                nonfinite=aux["nonfinite_fraction"],
-                warmup_r=aux["r"],
-            )
-        return new_state, values
+    if guided and nd.num_classes == 0:
+        raise ValueError("classifier-free guidance needs a class-conditional network")
+    if isinstance(micro_batches, bool) or int(micro_batches) != micro_batches or micro_batches < 1:
+        raise ValueError(f"train.micro_batches must be an integer >= 1, got {micro_batches!r}")
+    return bool(guided)
 
-    return train_step
+
+def draw_randomness(
+    key: Array, x0: Array, *, sigma_d: float, P_mean: float, P_std: float,
+    guidance_range: tuple[float, float] | None,
+) -> tuple[dict[str, Array], Array]:  # fmt: skip
+    """Per-sample randomness of one step's batch, and the dropout key.
+
+    Returns ``({'z': (B, ...), 't': (B,), 'row': (B,) uint32[, 'guidance': (B,)]}, k_drop)``:
+    noise z ~ N(0, sigma_d^2 I), times from the log-normal proposal, the row index that makes
+    dropout per sample (``fold_in(k_drop, row)``), and with a ``guidance_range`` the CFG scale
+    s ~ U[min, max].
+    """
+    b = x0.shape[0]
+    k_z, k_t, k_drop, k_s = jax.random.split(key, 4)
+    rand = {
+        "z": trigflow.sample_noise(k_z, x0.shape, sigma_d, x0.dtype),
+        "t": trigflow.sample_t_lognormal(k_t, (b,), P_mean, P_std, sigma_d, x0.dtype),
+        "row": jnp.arange(b, dtype=jnp.uint32),
+    }
+    if guidance_range is not None:
+        rand["guidance"] = sample_guidance_scale(k_s, b, *guidance_range, x0.dtype)
+    return rand, k_drop
+
+
+def _step_values(
+    loss: Array, aux: dict[str, Array], grad_norm: Array, ok: Array, learning_rate: Array, *,
+    consistency: bool,
+) -> dict[str, Array]:  # fmt: skip
+    """The step's metric values (scalars and the per-time-bin loss), see make_train_step."""
+    values = {
+        "loss": loss,
+        "mse": aux["mse"],
+        "w_mean": aux["w_mean"],
+        "loss_per_time_bin": aux["loss_per_time_bin"],
+        "grad_norm": grad_norm,
+        "learning_rate": learning_rate,
+        "nonfinite_steps": 1.0 - ok.astype(jnp.float32),
+    }
+    if consistency:
+        values.update(
+            tangent_norm=aux["g_norm_mean"],
+            tangent_norm_std=aux["g_norm_std"],
+            tangent_norm_max=aux["g_norm_max"],
+            nonfinite=aux["nonfinite_fraction"],
+            warmup_r=aux["r"],
+        )
+    return values
+
+
+def guarded_update(
+    state: TrainState, loss: Array, grads: Any, tx: optax.GradientTransformation, *,
+    batch_size: int, power_std: Sequence[float], halflife_kimg: float, **replace: Any,
+) -> tuple[TrainState, Array, Array]:  # fmt: skip
+    """The update of one step, skipped when it is not finite (the sCM and the DMD step share it).
+
+    Applies ``tx`` to ``grads`` (then ``project_weights``) and updates the EMAs at the new image
+    count; where ``loss`` or the gradient norm is not finite, the parameters, optimiser state
+    and EMAs stay as they were (only the step counter advances). ``replace``: other fields of
+    the new state (DMD: the updated critic).
+
+    Returns:
+      ``(new_state, grad_norm () float32, ok () bool)``.
+    """
+    grad_norm = optax.tree_utils.tree_norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = project_weights(optax.apply_updates(state.params, updates))
+    params = _tree_where(ok, params, state.params)
+    nimg = (state.step + 1).astype(jnp.float32) * batch_size
+    emas = ema_lib.update_emas(
+        state.emas, params["net"], nimg, batch_size, power_std, halflife_kimg
+    )
+    new_state = state.replace(
+        step=state.step + 1, params=params, opt_state=_tree_where(ok, opt_state, state.opt_state),
+        emas=_tree_where(ok, emas, state.emas), **replace,
+    )  # fmt: skip
+    return new_state, grad_norm, ok
 
 
 def check_micro_batches(batch_size: int, micro_batches: int, shards: int = 1) -> None:

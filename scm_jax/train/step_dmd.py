@@ -39,7 +39,6 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding
 
-from scm_jax import ema as ema_lib
 from scm_jax import objectives, trigflow
 from scm_jax.guidance import ApplyFn, sample_guidance_scale
 from scm_jax.losses import (
@@ -65,6 +64,7 @@ from scm_jax.train.step import (
     _per_sample_dropout,
     _tree_where,
     check_micro_batches,
+    guarded_update,
 )
 
 Array = jax.Array
@@ -339,19 +339,9 @@ def make_dmd_train_step(
             state.params, x0, labels, guidance, g_teacher, k_gen, pool, teacher_params,
             critic["params"]["net"], state.step,
         )  # fmt: skip
-        grad_norm = optax.tree_utils.tree_norm(grads)
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = project_weights(optax.apply_updates(state.params, updates))
-        params = _tree_where(ok, params, state.params)
-        nimg = (state.step + 1).astype(jnp.float32) * batch_size
-        emas = ema_lib.update_emas(
-            state.emas, params["net"], nimg, batch_size, power_std, halflife_kimg
-        )
-        new_state = state.replace(
-            step=state.step + 1, params=params, critic=critic,
-            opt_state=_tree_where(ok, opt_state, state.opt_state),
-            emas=_tree_where(ok, emas, state.emas),
+        new_state, grad_norm, ok = guarded_update(
+            state, loss, grads, tx, batch_size=batch_size, power_std=power_std,
+            halflife_kimg=halflife_kimg, critic=critic,
         )  # fmt: skip
         values = {
             "loss": loss,
